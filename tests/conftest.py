@@ -22,3 +22,19 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update("jax_threefry_partitionable", False)
+
+
+_TIMM_MODULE = "test_timm_crosscheck.py"
+
+
+def pytest_ignore_collect(collection_path, config):
+  """Collects the timm cross-check only when it is named on the command line.
+
+  torch's bundled triton and TensorFlow segfault when both are loaded into one process
+  (seen with torch 2.14.1 + tensorflow-cpu 2.21), and importing the module imports torch.
+  `bash run.sh test` therefore runs it in a second pytest process of its own.
+  """
+  if collection_path.name != _TIMM_MODULE:
+    return None
+  named = any(_TIMM_MODULE in str(arg) for arg in config.args)
+  return None if named else True

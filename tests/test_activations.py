@@ -72,8 +72,10 @@ def test_gelu_is_the_tanh_approximation():
   got = activations.ACTIVATIONS['gelu'](x) / gamma
   exact = jax.nn.gelu(x, approximate=False)
   assert float(jnp.max(jnp.abs(got - exact))) > 1e-4
+  # 1e-5: float32 rounding of tanh differs by an ulp or two between XLA's CPU code paths
+  # (e.g. LLVM optimisation levels); the erf/tanh gap asserted above is ~1e-2 relative.
   np.testing.assert_allclose(got, _np_reference('gelu', np.asarray(x)),
-                             rtol=1e-6)
+                             rtol=1e-5)
 
 
 def test_identity_is_unscaled_and_dtypes_are_kept():

@@ -1,0 +1,1 @@
+"""Experiment configs: `python experiment.py --config=configs/<name>.py --workdir=DIR`."""

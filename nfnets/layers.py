@@ -295,3 +295,25 @@ def signal_metrics(x: jax.Array, i: Union[int, str]) -> Dict[str, jax.Array]:
       f'avg_sq_mean_{i}': jnp.mean(jnp.mean(x, axis=(0, 1, 2)) ** 2),
       f'avg_var_{i}': jnp.mean(jnp.var(x, axis=(0, 1, 2))),
   }
+
+
+def classifier_head(features: jax.Array, fc: hk.Linear, drop_rate: float, is_training: bool,
+                    outputs: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+  """Global average pool -> dropout (training only) -> classifier, shared by every family.
+
+  Args:
+    features: Final NHWC feature map (already activated where the family does so).
+    fc: The classifier; its module name fixes the parameter path (e.g. 'NFNet/~/linear').
+    drop_rate: Dropout rate before the classifier; inverted dropout, so eval needs no rescale.
+    is_training: Dropout is applied only when True (it then draws from hk.next_rng_key()).
+    outputs: The model's output dict; 'pool' (pre-dropout features) and 'logits' are added.
+
+  Returns:
+    `outputs`, for chaining.
+  """
+  pool = jnp.mean(features, axis=(1, 2))
+  outputs['pool'] = pool
+  if is_training and drop_rate > 0.0:
+    pool = hk.dropout(hk.next_rng_key(), drop_rate, pool)
+  outputs['logits'] = fc(pool)
+  return outputs

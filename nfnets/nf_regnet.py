@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets.activations import get_activation
-from nfnets.layers import SqueezeExcite, StochDepth, WSConv2D, signal_metrics
+from nfnets.layers import SqueezeExcite, StochDepth, WSConv2D, classifier_head, signal_metrics
 from nfnets.nf_resnet import check_rates, nf_block_schedule
 
 # The official default 'swish' is not in the gamma table (a KeyError there); it is SiLU.
@@ -233,9 +233,4 @@ class NF_RegNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
         outputs.update(signal_metrics(out, i + 1))
         outputs[f'res_avg_var_{i}'] = res_avg_var
     out = self.activation(self.final_conv(out))
-    pool = jnp.mean(out, axis=(1, 2))
-    outputs['pool'] = pool
-    if is_training and self.drop_rate > 0.0:
-      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
-    outputs['logits'] = self.fc(pool)
-    return outputs
+    return classifier_head(out, self.fc, self.drop_rate, is_training, outputs)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets.activations import get_activation
-from nfnets.layers import SqueezeExcite, StochDepth, WSConv2D, signal_metrics
+from nfnets.layers import SqueezeExcite, StochDepth, WSConv2D, classifier_head, signal_metrics
 from nfnets.resnet import (RESNET_VARIANTS, STAGE_STRIDES, ResNetVariant, resolve_resnet_variant,
                            stage_widths)
 
@@ -208,9 +208,4 @@ class NF_ResNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
         outputs.update(signal_metrics(out, i + 1))
         outputs[f'res_avg_var_{i}'] = res_avg_var
     # No final conv: the head is just act -> global mean.
-    pool = jnp.mean(self.activation(out), axis=(1, 2))
-    outputs['pool'] = pool
-    if is_training and self.drop_rate > 0.0:
-      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
-    outputs['logits'] = self.fc(pool)
-    return outputs
+    return classifier_head(self.activation(out), self.fc, self.drop_rate, is_training, outputs)

@@ -410,9 +410,4 @@ class NFNet(hk.Module):
       if i in self.stage_ends:
         outputs[f'stage_{self.stage_ends.index(i)}'] = out
     out = self.activation(self.final_conv(out))
-    pool = jnp.mean(out, axis=(1, 2))
-    outputs['pool'] = pool
-    if is_training and self.drop_rate > 0.0:
-      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
-    outputs['logits'] = self.fc(pool)
-    return outputs
+    return layers.classifier_head(out, self.fc, self.drop_rate, is_training, outputs)

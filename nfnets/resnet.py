@@ -19,7 +19,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets.layers import SqueezeExcite, signal_metrics
+from nfnets.layers import SqueezeExcite, classifier_head, signal_metrics
 
 # Stage widths of a width-1 ResNet: the bottleneck outputs are `width * multiplier`, so the
 # standard width=4 gives the familiar 256/512/1024/2048.
@@ -259,10 +259,5 @@ class ResNet(hk.Module):
         outputs[f'res_avg_var_{i}'] = res_avg_var
     if self.preactivation:
       out = self.activation(self.final_bn(out, is_training))
-    pool = jnp.mean(out, axis=(1, 2))
-    outputs['pool'] = pool
-    if is_training and self.drop_rate > 0.0:
-      pool = hk.dropout(hk.next_rng_key(), self.drop_rate, pool)
-    outputs['logits'] = self.fc(pool)
-    return outputs
+    return classifier_head(out, self.fc, self.drop_rate, is_training, outputs)
 

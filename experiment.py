@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import os
 import sys
 import time
@@ -112,59 +111,11 @@ def _setup_jax(config: Any, workdir: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-# -------------------------------------------------------------------------------- fake data
-def _fake_batch(data_config: Any, rng: Any, shape: tuple[int, ...], num_classes: int) -> dict:
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  size, ch = data_config.image_size, data_config.fake_channels
-  # Class prototypes from a fixed seed, so the labels are learnable (loss can fall).
-  protos = np.random.RandomState(data_config.seed).randn(num_classes, size, size, ch)
-  labels = rng.randint(0, num_classes, size=shape).astype(np.int32)
-  images = protos[labels] + rng.randn(*shape, size, size, ch)
-  return {"images": images.astype(np.float32), "labels": labels}
-
-
-def fake_iterator(data_config: Any, *, global_batch_size: int, host_index: int,
-                  host_count: int, local_device_count: int, num_classes: int,
-                  start_step: int = 0, eval_examples: int = 0) -> Iterator[dict]:
-  """Synthetic batches with the layout of nfnets.data (data.name='fake').
-
-  Args:
-    data_config: `config.data` (image_size, fake_channels, seed, num_classes).
-    global_batch_size: batch over all hosts.
-    host_index: this host.
-    host_count: number of hosts.
-    local_device_count: devices of this host.
-    num_classes: label range.
-    start_step: first batch index (batch k depends only on seed, k and the global device).
-    eval_examples: > 0 makes a finite eval iterator of that many examples, with 'mask'.
-  """
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  per_device = global_batch_size // host_count // local_device_count
-  shape = (local_device_count, per_device)
-  num_batches = math.ceil(eval_examples / global_batch_size) if eval_examples else None
-  for k in itertools.count(start_step):
-    if num_batches is not None and k >= num_batches:
-      return
-    # One stream per *global* device row: the global batch is then the same however the
-    # devices are spread over hosts (1 host x 2 devices == 2 hosts x 1 device).
-    rows = []
-    for d in range(local_device_count):
-      device = host_index * local_device_count + d
-      rng = np.random.RandomState([data_config.seed + 1, k, device, int(bool(eval_examples))])
-      rows.append(_fake_batch(data_config, rng, (1, per_device), num_classes))
-    batch = {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
-    if eval_examples:
-      first = k * global_batch_size + host_index * per_device * local_device_count
-      index = first + np.arange(per_device * local_device_count).reshape(shape)
-      batch["mask"] = (index < eval_examples).astype(np.float32)
-    yield batch
-
-
 def dataset_info(data_config: Any) -> tuple[int, int, int]:
   """(train examples, eval examples, classes) of the configured data set."""
   if data_config.name == "fake":
-    return (data_config.fake_num_train, data_config.fake_num_eval,
-            data_config.num_classes or 10)
+    from nfnets import synthetic_data  # pylint: disable=g-import-not-at-top
+    return synthetic_data.dataset_info(data_config)
   from nfnets import data as data_lib  # pylint: disable=g-import-not-at-top
   return data_lib.dataset_info(data_config)
 
@@ -175,7 +126,8 @@ def _train_iterator(config: Any, start_step: int, num_classes: int) -> Iterator[
                 host_count=jax.process_count(), local_device_count=jax.local_device_count(),
                 start_step=start_step)
   if config.data.name == "fake":
-    return fake_iterator(config.data, num_classes=num_classes, **kwargs)
+    from nfnets import synthetic_data  # pylint: disable=g-import-not-at-top
+    return synthetic_data.fake_iterator(config.data, num_classes=num_classes, **kwargs)
   from nfnets import data as data_lib  # pylint: disable=g-import-not-at-top
   return data_lib.build_train_iterator(config.data, **kwargs)
 
@@ -185,7 +137,9 @@ def _eval_iterator(config: Any, num_classes: int, num_eval: int) -> Iterator[dic
   kwargs = dict(global_batch_size=config.eval.batch_size, host_index=jax.process_index(),
                 host_count=jax.process_count(), local_device_count=jax.local_device_count())
   if config.data.name == "fake":
-    return fake_iterator(config.data, num_classes=num_classes, eval_examples=num_eval, **kwargs)
+    from nfnets import synthetic_data  # pylint: disable=g-import-not-at-top
+    return synthetic_data.fake_iterator(config.data, num_classes=num_classes,
+                                        eval_examples=num_eval, **kwargs)
   from nfnets import data as data_lib  # pylint: disable=g-import-not-at-top
   return data_lib.build_eval_iterator(config.data, split=config.data.eval_split, **kwargs)
 

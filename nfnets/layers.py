@@ -8,6 +8,7 @@ official checkpoints load into these modules unchanged:
 - `SqueezeExcite`: returns the sigmoid gate; sub-modules `linear`, `linear_1`.
 - `StochDepth`: drops whole residual branches per example while training.
 - `signal_metrics`: signal-propagation statistics of an NHWC activation.
+- `apply_blocks`, `classifier_head`: the body loop and the head every family shares.
 
 All layers compute in the dtype of their inputs and parameters: bf16 training
 casts the parameters to bf16 and feeds bf16 images, so nothing here upcasts.
@@ -295,6 +296,40 @@ def signal_metrics(x: jax.Array, i: Union[int, str]) -> Dict[str, jax.Array]:
       f'avg_sq_mean_{i}': jnp.mean(jnp.mean(x, axis=(0, 1, 2)) ** 2),
       f'avg_var_{i}': jnp.mean(jnp.var(x, axis=(0, 1, 2))),
   }
+
+
+# A residual block: (x, is_training) -> (output, variance of the residual branch).
+Block = Callable[[jax.Array, bool], "tuple[jax.Array, jax.Array]"]
+
+
+def apply_blocks(blocks: Sequence[Block], x: jax.Array, is_training: bool,
+                 outputs: Dict[str, jax.Array], return_metrics: bool,
+                 stage_ends: Sequence[int] = ()) -> jax.Array:
+  """Runs the residual blocks in order, recording what the signal-propagation plots need.
+
+  Args:
+    blocks: The blocks, each returning (output, residual-branch average variance).
+    x: NHWC input of the first block (the stem output).
+    is_training: Passed to every block.
+    outputs: The model's output dict. With `return_metrics`, 'avg_sq_mean_i'/'avg_var_i'
+      (i = 0: the input, i + 1: after block i) and 'res_avg_var_i' are added; 'stage_k' is
+      the output of block `stage_ends[k]` (feature maps for detection-style heads).
+    return_metrics: Whether to compute the metrics (they cost two reductions per block).
+    stage_ends: Indices of the last block of each stage.
+
+  Returns:
+    The output of the last block.
+  """
+  if return_metrics:
+    outputs.update(signal_metrics(x, 0))
+  for i, block in enumerate(blocks):
+    x, res_avg_var = block(x, is_training)
+    if return_metrics:
+      outputs.update(signal_metrics(x, i + 1))
+      outputs[f'res_avg_var_{i}'] = res_avg_var
+    if i in stage_ends:
+      outputs[f'stage_{list(stage_ends).index(i)}'] = x
+  return x
 
 
 def classifier_head(features: jax.Array, fc: hk.Linear, drop_rate: float, is_training: bool,

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets.activations import get_activation
-from nfnets.layers import SqueezeExcite, StochDepth, WSConv2D, classifier_head, signal_metrics
+from nfnets.layers import SqueezeExcite, StochDepth, WSConv2D, apply_blocks, classifier_head
 from nfnets.nf_resnet import check_rates, nf_block_schedule
 
 # The official default 'swish' is not in the gamma table (a KeyError there); it is SiLU.
@@ -225,12 +225,6 @@ class NF_RegNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
     """
     outputs = {}
     out = self.initial_conv(x)
-    if return_metrics:
-      outputs.update(signal_metrics(out, 0))
-    for i, block in enumerate(self.blocks):
-      out, res_avg_var = block(out, is_training)
-      if return_metrics:
-        outputs.update(signal_metrics(out, i + 1))
-        outputs[f'res_avg_var_{i}'] = res_avg_var
+    out = apply_blocks(self.blocks, out, is_training, outputs, return_metrics)
     out = self.activation(self.final_conv(out))
     return classifier_head(out, self.fc, self.drop_rate, is_training, outputs)

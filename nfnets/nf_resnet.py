@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets.activations import get_activation
-from nfnets.layers import SqueezeExcite, StochDepth, WSConv2D, classifier_head, signal_metrics
+from nfnets.layers import SqueezeExcite, StochDepth, WSConv2D, apply_blocks, classifier_head
 from nfnets.resnet import (RESNET_VARIANTS, STAGE_STRIDES, ResNetVariant, resolve_resnet_variant,
                            stage_widths)
 
@@ -200,12 +200,6 @@ class NF_ResNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
     # Pre-activation: no nonlinearity after the stem conv; each block activates its input.
     out = self.initial_conv(x)
     out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME')
-    if return_metrics:
-      outputs.update(signal_metrics(out, 0))
-    for i, block in enumerate(self.blocks):
-      out, res_avg_var = block(out, is_training)
-      if return_metrics:
-        outputs.update(signal_metrics(out, i + 1))
-        outputs[f'res_avg_var_{i}'] = res_avg_var
+    out = apply_blocks(self.blocks, out, is_training, outputs, return_metrics)
     # No final conv: the head is just act -> global mean.
     return classifier_head(self.activation(out), self.fc, self.drop_rate, is_training, outputs)

@@ -400,14 +400,7 @@ class NFNet(hk.Module):
       if i < len(self.stem_convs) - 1:  # no activation after stem_conv3
         out = self.activation(out)
     outputs['stem'] = out
-    if return_metrics:
-      outputs.update(layers.signal_metrics(out, 0))
-    for i, block in enumerate(self.blocks):
-      out, res_avg_var = block(out, is_training=is_training)
-      if return_metrics:
-        outputs.update(layers.signal_metrics(out, i + 1))
-        outputs[f'res_avg_var_{i}'] = res_avg_var
-      if i in self.stage_ends:
-        outputs[f'stage_{self.stage_ends.index(i)}'] = out
+    out = layers.apply_blocks(self.blocks, out, is_training, outputs, return_metrics,
+                              stage_ends=self.stage_ends)
     out = self.activation(self.final_conv(out))
     return layers.classifier_head(out, self.fc, self.drop_rate, is_training, outputs)

@@ -19,7 +19,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets.layers import SqueezeExcite, classifier_head, signal_metrics
+from nfnets.layers import SqueezeExcite, apply_blocks, classifier_head
 
 # Stage widths of a width-1 ResNet: the bottleneck outputs are `width * multiplier`, so the
 # standard width=4 gives the familiar 256/512/1024/2048.
@@ -250,13 +250,7 @@ class ResNet(hk.Module):
     if not self.preactivation:
       out = self.activation(self.initial_bn(out, is_training))
     out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME')
-    if return_metrics:
-      outputs.update(signal_metrics(out, 0))
-    for i, block in enumerate(self.blocks):
-      out, res_avg_var = block(out, is_training)
-      if return_metrics:
-        outputs.update(signal_metrics(out, i + 1))
-        outputs[f'res_avg_var_{i}'] = res_avg_var
+    out = apply_blocks(self.blocks, out, is_training, outputs, return_metrics)
     if self.preactivation:
       out = self.activation(self.final_bn(out, is_training))
     return classifier_head(out, self.fc, self.drop_rate, is_training, outputs)

@@ -73,21 +73,6 @@ def test_validate_config_rejects_bad_settings():
     experiment.validate_config(_config(), "predict", device_count=8)
 
 
-def test_fake_iterator_is_keyed_by_step():
-  config = fake_data.get_config()
-  kw = dict(global_batch_size=16, host_index=0, host_count=1, local_device_count=8,
-            num_classes=10)
-  it = experiment.fake_iterator(config.data, **kw)
-  batches = [next(it) for _ in range(3)]
-  resumed = next(experiment.fake_iterator(config.data, start_step=2, **kw))
-  np.testing.assert_array_equal(resumed["images"], batches[2]["images"])
-  np.testing.assert_array_equal(resumed["labels"], batches[2]["labels"])
-  assert batches[0]["images"].shape == (8, 2, 32, 32, 3)
-  assert not np.array_equal(batches[0]["labels"], batches[1]["labels"])
-  ev = list(experiment.fake_iterator(config.data, eval_examples=20, **kw))
-  assert len(ev) == 2 and ev[1]["mask"].sum() == 4 and ev[0]["mask"].sum() == 16
-
-
 def test_merge_params_keeps_fresh_head_only_when_asked():
   fresh = {"NFNet/~/stem": {"w": np.zeros((3, 3, 1, 4))},
            "NFNet/~/nf_block_0/~/squeeze_excite/~/linear": {"w": np.zeros((4, 2))},

@@ -181,3 +181,31 @@ def test_signal_metrics_matches_numpy():
       np.mean(flat.mean(axis=0)**2), rel=1e-5)
   assert float(got['avg_var_7']) == pytest.approx(
       np.mean(flat.var(axis=0)), rel=1e-5)
+
+
+def test_apply_blocks_records_metrics_and_stage_outputs():
+  calls = []
+
+  def make_block(scale):
+    def block(x, is_training):
+      calls.append(is_training)
+      return x * scale, jnp.asarray(scale ** 2)
+    return block
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 3, 4)), jnp.float32)
+  blocks = [make_block(s) for s in (2.0, 3.0, 0.5)]
+  outputs = {}
+  out = layers.apply_blocks(blocks, x, False, outputs, return_metrics=True, stage_ends=(1, 2))
+  np.testing.assert_allclose(out, x * 3.0, rtol=1e-6)
+  assert calls == [False] * 3
+  # Metric i + 1 is taken after block i; the input is metric 0.
+  for i, scale in enumerate((1.0, 2.0, 6.0, 3.0)):
+    np.testing.assert_allclose(outputs[f'avg_var_{i}'],
+                               np.mean(np.var(np.asarray(x) * scale, axis=(0, 1, 2))), rtol=1e-5)
+  assert [float(outputs[f'res_avg_var_{i}']) for i in range(3)] == [4.0, 9.0, 0.25]
+  np.testing.assert_allclose(outputs['stage_0'], x * 6.0, rtol=1e-6)
+  np.testing.assert_allclose(outputs['stage_1'], x * 3.0, rtol=1e-6)
+
+  quiet = {}
+  layers.apply_blocks(blocks, x, True, quiet, return_metrics=False)
+  assert quiet == {}

@@ -4,7 +4,7 @@ Three compilations (init, train step, eval step of one tiny net, without backend
 optimisation); every B0-B8 check is an abstract `jax.eval_shape` trace.
 """
 
-import math
+import functools
 
 import haiku as hk
 import jax
@@ -12,35 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import model_helpers as mh
 from nfnets.nf_regnet import NF_REGNET_VARIANTS, NF_RegNet, NFRegNetVariant
 
 # Widths 16..64 at multiplier 1: the first block (expansion 1) has 16 // 8 = 2 groups.
 TINY = NFRegNetVariant(width=(16, 24, 32, 64), depth=(2, 1, 1, 1), drop_rate=0.5)
-FAST_COMPILE = {'xla_backend_optimization_level': 0}
-
-
-def _transform(shapes=None, **kwargs):
-  def forward(images, is_training, return_metrics=False):
-    outputs = NF_RegNet(**kwargs)(images, is_training=is_training,
-                                  return_metrics=return_metrics)
-    if shapes is not None:
-      shapes.update({k: v.shape for k, v in outputs.items()})  # static, safe to keep
-    return outputs
-  return hk.transform_with_state(forward)
-
-
-def abstract_build(**kwargs):
-  """(params, state, output shapes) from one abstract trace of init; nothing is compiled."""
-  shapes = {}
-  forward = _transform(shapes, **kwargs)
-  images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
-  params, state = jax.eval_shape(lambda rng, x: forward.init(rng, x, True),
-                                 jax.random.PRNGKey(0), images)
-  return params, state, shapes
-
-
-def count(tree):
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+FAST_COMPILE = mh.FAST_COMPILE
+count = mh.count
+abstract_build = functools.partial(mh.abstract_build, NF_RegNet, image_size=64)
 
 
 def closed_form_nf_regnet_params(variant, width=0.75, expansion=2.25, group_size=8,
@@ -97,7 +76,8 @@ def test_b0_structure():
 
 def test_bad_arguments():
   images = jnp.zeros((1, 32, 32, 3))
-  init = lambda **kw: _transform(num_classes=3, **kw).init(jax.random.PRNGKey(0), images, True)
+  init = lambda **kw: mh.transform(NF_RegNet, num_classes=3, **kw).init(
+      jax.random.PRNGKey(0), images, True)
   for kwargs, match in [({'variant': 'B9'}, 'B0'),
                         ({'variant': TINY, 'activation': 'swishy'}, 'silu'),
                         ({'variant': TINY, 'width': 0.25}, 'group_size'),
@@ -118,8 +98,8 @@ def test_swish_is_an_alias_of_silu():
 @pytest.fixture(scope='module')
 def tiny_run():
   """One tiny NF-RegNet: init, train steps and evals at skip_gain 0 and 1."""
-  forward = _transform(num_classes=5, variant=TINY, width=1.0, stochdepth_rate=0.5,
-                       fc_init=hk.initializers.RandomNormal(0.1))
+  forward = mh.transform(NF_RegNet, num_classes=5, variant=TINY, width=1.0,
+                         stochdepth_rate=0.5, fc_init=hk.initializers.RandomNormal(0.1))
   rng = jax.random.PRNGKey(0)
   images = jax.random.normal(rng, (4, 32, 32, 3))
   labels = jnp.arange(4)

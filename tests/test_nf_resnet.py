@@ -5,7 +5,6 @@ backend optimisation, which is what dominates CPU compile time); full-size check
 `jax.eval_shape` traces.
 """
 
-import math
 
 import haiku as hk
 import jax
@@ -13,35 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import model_helpers as mh
 from nfnets import nf_resnet
 from nfnets.nf_resnet import NF_ResNet
 from nfnets.resnet import RESNET_VARIANTS, ResNet, ResNetVariant
 
 TINY = ResNetVariant(depth=(2, 1, 1, 1))
-FAST_COMPILE = {'xla_backend_optimization_level': 0}
-
-
-def _transform(module=NF_ResNet, shapes=None, **kwargs):
-  def forward(images, is_training, return_metrics=False):
-    outputs = module(**kwargs)(images, is_training=is_training, return_metrics=return_metrics)
-    if shapes is not None:
-      shapes.update({k: v.shape for k, v in outputs.items()})  # static, safe to keep
-    return outputs
-  return hk.transform_with_state(forward)
+FAST_COMPILE = mh.FAST_COMPILE
+count = mh.count
 
 
 def abstract_build(module=NF_ResNet, **kwargs):
-  """(params, state, output shapes) from one abstract trace of init; nothing is compiled."""
-  shapes = {}
-  forward = _transform(module, shapes, **kwargs)
-  images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-  params, state = jax.eval_shape(lambda rng, x: forward.init(rng, x, True),
-                                 jax.random.PRNGKey(0), images)
-  return params, state, shapes
-
-
-def count(tree):
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  return mh.abstract_build(module, **kwargs)
 
 
 def closed_form_nf_resnet_params(depth, width=4, num_classes=1000, se_ratio=None):
@@ -108,7 +90,8 @@ def test_block_schedule_matches_the_nfnet_f0_betas():
 
 def test_defaults_and_bad_arguments():
   images = jnp.zeros((1, 32, 32, 3))
-  init = lambda **kw: _transform(num_classes=3, **kw).init(jax.random.PRNGKey(0), images, True)
+  init = lambda **kw: mh.transform(NF_ResNet, num_classes=3, **kw).init(
+      jax.random.PRNGKey(0), images, True)
   for kwargs, match in [({'variant': 'ResNet18'}, 'ResNet50'),
                         ({'activation': 'swishy'}, 'relu'),
                         ({'drop_rate': 1.5}, 'drop_rate'),
@@ -131,8 +114,8 @@ def test_defaults_and_bad_arguments():
 @pytest.fixture(scope='module')
 def tiny_run():
   """One tiny NF-ResNet with SE: init, train steps and evals at skip_gain 0 and 1."""
-  forward = _transform(num_classes=5, variant=TINY, width=0.25, use_se=True,
-                       stochdepth_rate=0.5, drop_rate=0.5)
+  forward = mh.transform(NF_ResNet, num_classes=5, variant=TINY, width=0.25, use_se=True,
+                         stochdepth_rate=0.5, drop_rate=0.5)
   rng = jax.random.PRNGKey(0)
   images = jax.random.normal(rng, (4, 32, 32, 3))
   labels = jnp.arange(4)

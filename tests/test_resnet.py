@@ -4,7 +4,7 @@ Compilations are kept to three (init, train step, eval step of one tiny net); ev
 full-size check is an abstract `jax.eval_shape` trace.
 """
 
-import math
+import functools
 
 import haiku as hk
 import jax
@@ -12,36 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import model_helpers as mh
 from nfnets import resnet
 from nfnets.resnet import ResNet, ResNetVariant
 
 TINY = ResNetVariant(depth=(2, 1, 1, 1))
-# Backend optimisation dominates CPU compile time and buys nothing for these tiny nets.
-FAST_COMPILE = {'xla_backend_optimization_level': 0}
-
-
-def _transform(shapes=None, **kwargs):
-  """A transformed ResNet; if `shapes` is a dict, the forward records its output shapes."""
-  def forward(images, is_training, return_metrics=False):
-    outputs = ResNet(**kwargs)(images, is_training=is_training, return_metrics=return_metrics)
-    if shapes is not None:
-      shapes.update({k: v.shape for k, v in outputs.items()})  # static, safe to keep
-    return outputs
-  return hk.transform_with_state(forward)
-
-
-def abstract_build(**kwargs):
-  """(params, state, output shapes) from one abstract trace of init; nothing is compiled."""
-  shapes = {}
-  forward = _transform(shapes, **kwargs)
-  images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-  params, state = jax.eval_shape(lambda rng, x: forward.init(rng, x, True),
-                                 jax.random.PRNGKey(0), images)
-  return params, state, shapes
-
-
-def count(tree):
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+FAST_COMPILE = mh.FAST_COMPILE
+count = mh.count
+abstract_build = functools.partial(mh.abstract_build, ResNet)
 
 
 def closed_form_resnet_params(depth, width=4, num_classes=1000, preactivation=True):
@@ -108,7 +86,7 @@ def test_unknown_variant_and_bad_arguments_raise():
                         ({'drop_rate': 1.0}, 'drop_rate'),
                         ({'width': 0.01}, 'width')]:
     with pytest.raises(ValueError, match=match):
-      _transform(num_classes=3, **kwargs).init(jax.random.PRNGKey(0), images, True)
+      mh.transform(ResNet, num_classes=3, **kwargs).init(jax.random.PRNGKey(0), images, True)
   with pytest.raises(ValueError, match='4 positive'):
     ResNetVariant(depth=(1, 1, 1))
 
@@ -116,8 +94,8 @@ def test_unknown_variant_and_bad_arguments_raise():
 @pytest.fixture(scope='module')
 def tiny_run():
   """One tiny v2 net with SE and dropout: init, two train steps (two rngs), two evals."""
-  forward = _transform(num_classes=5, variant=TINY, width=0.25, use_se=True, drop_rate=0.5,
-                       fc_init=hk.initializers.RandomNormal(0.5))
+  forward = mh.transform(ResNet, num_classes=5, variant=TINY, width=0.25, use_se=True,
+                         drop_rate=0.5, fc_init=hk.initializers.RandomNormal(0.5))
   rng = jax.random.PRNGKey(0)
   # Non-zero mean and non-unit scale so the BN statistics visibly move.
   images = jax.random.normal(rng, (4, 32, 32, 3)) * 2.0 + 1.0

@@ -6,6 +6,8 @@ step serves every lambda; these tests check that this optimizer is the project's
 and that "no AGC" (lambda = inf) is exactly plain SGD.
 """
 
+import dataclasses
+import json
 import math
 
 import jax
@@ -28,7 +30,8 @@ def _params_and_grads():
   params = {'net/~/conv': {'w': jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32),
                            'bias': jnp.zeros(4)},
             'net/~/linear': {'w': jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
-                             'b': jnp.zeros(3)}}
+                             'b': jnp.zeros(3)},
+            'net/~/block': {'skip_gain': jnp.zeros(())}}
   # Gradients 10x the weights: far above any lambda tried, so AGC clips every unit it sees.
   grads = jax.tree.map(lambda p: 10.0 * p + 1.0, params)
   return params, grads
@@ -41,6 +44,7 @@ def _reference(name, clipping, study):
   config.warmup_epochs = study.warmup_epochs
   config.weight_decay = study.weight_decay
   config.agc.clipping = clipping
+  config.agc.exclude = tuple(study.agc_exclude)
   optimizer, _ = optim.build_optimizer(config, **STEPS)
   return optimizer
 
@@ -101,14 +105,36 @@ def test_no_agc_is_infinite_lambda():
   assert math.isinf(float(optimizer.init(params)[0].hyperparams['clipping']))
 
 
+@pytest.mark.parametrize('clip_skip_gains', [False, True])
+def test_skip_gains_escape_the_clip_unless_asked(clip_skip_gains):
+  study = dataclass_study()
+  if clip_skip_gains:
+    study = dataclasses.replace(study, agc_exclude=agc_study.PAPER_EXCLUDE)
+  params, grads = _params_and_grads()
+  clipped, _ = agc_study.make_optimizer(study, 0.01, **STEPS)
+  unclipped, _ = agc_study.make_optimizer(study, agc_study.NO_AGC, **STEPS)
+  got = _two_updates(clipped, params, grads)['net/~/block']['skip_gain']
+  free = _two_updates(unclipped, params, grads)['net/~/block']['skip_gain']
+  assert float(free) != 0.0
+  if clip_skip_gains:
+    # A zero gain's gradient is capped at lambda * eps = 1e-5 per step (grad here is 1).
+    assert abs(float(got)) < 1e-4 * abs(float(free))
+  else:
+    np.testing.assert_allclose(got, free, rtol=1e-6)
+
+
 def test_study_configs():
   assert set(agc_study.QUICK.batch_sizes) <= set(agc_study.FULL.batch_sizes)
   assert set(agc_study.QUICK.clippings) <= set(agc_study.FULL.clippings)
-  # The quick run keeps the largest, most aggressive learning rate, where no-AGC should fail.
-  assert agc_study.QUICK.peak_lr(max(agc_study.QUICK.batch_sizes)) == agc_study.FULL.peak_lr(
-      max(agc_study.FULL.batch_sizes))
+  assert set(agc_study.QUICK.seeds) <= set(agc_study.FULL.seeds)
+  # The quick run is a subset of the full table's runs: everything else is identical.
+  restricted = dataclasses.replace(agc_study.FULL, batch_sizes=agc_study.QUICK.batch_sizes,
+                                   clippings=agc_study.QUICK.clippings,
+                                   seeds=agc_study.QUICK.seeds)
+  assert restricted == agc_study.QUICK
   assert agc_study.FULL.peak_lr(256) == pytest.approx(agc_study.FULL.base_lr)
   assert agc_study.FULL.clippings == (None, 0.01, 0.02, 0.04, 0.08, 0.16)
+  assert agc_study.FULL.agc_exclude == agc_study.PAPER_EXCLUDE + (agc_study.SKIP_GAINS,)
   with pytest.raises(ValueError, match='clippings'):
     agc_study.StudyConfig(clippings=(0.0,))
   with pytest.raises(ValueError, match='warmup_epochs'):
@@ -129,6 +155,26 @@ def test_results_table_marks_divergence_and_missing_runs():
   assert lines[0].startswith('| lambda | B=64 (lr 0.1) | B=512 (lr 0.8) |')
   assert lines[2] == '| no AGC | 95.0 | 10.0 (diverged) |'
   assert lines[3] == '| 0.01 | 90.0 | not run |'
+
+
+def test_cells_summarise_seeds_with_spread_and_divergence_count():
+  runs = [{'test_top1': 0.9, 'diverged': False}, {'test_top1': 0.1, 'diverged': True},
+          {'test_top1': 0.8, 'diverged': False}]
+  assert agc_study.summarise_cell(runs) == '60.0 [10.0–90.0] (1/3 diverged)'
+  assert agc_study.summarise_cell(runs[::2]) == '85.0 [80.0–90.0]'
+  assert agc_study.summarise_cell([]) == 'not run'
+
+
+def test_saved_study_round_trips_and_reads_old_single_seed_files():
+  study = dataclasses.replace(agc_study.FULL, seeds=(3, 4))
+  saved = json.loads(json.dumps(dataclasses.asdict(study)))
+  assert agc_study.study_from_dict(saved) == study
+  old = dict(saved)
+  del old['seeds']
+  old['seed'] = 0
+  assert agc_study.study_from_dict(old).seeds == (0,)
+  with pytest.raises(ValueError, match='seeds'):
+    dataclasses.replace(study, seeds=(1, 1))
 
 
 def test_plots_write_png_files(tmp_path):

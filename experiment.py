@@ -281,10 +281,6 @@ def run(config: Any, workdir: str, mode: str = "train_and_eval") -> dict[str, fl
     # Weights are read before anything compiles (a bad or unsafe file fails in seconds);
     # they are not needed when resuming.
     loaded = load_init_params(config.init) if not on_disk else None
-    # Only host 0 sees the checkpoints (the others get them by broadcast when restoring).
-    if mode == "eval" and is_host0 and not on_disk and loaded is None:
-      raise ValueError(f"Nothing to evaluate: no checkpoint in {ckpt.directory} and no "
-                       "config.init.official_weights / config.init.params_path.")
     # The first batch fixes the image shape (channels come from the data set). It is built
     # at the step we expect to resume from and reused when that guess holds.
     guess = (on_disk or [0])[-1]
@@ -299,8 +295,18 @@ def run(config: Any, workdir: str, mode: str = "train_and_eval") -> dict[str, fl
         lambda r, x: forward.init(r, x, is_training=True),
         jax.ShapeDtypeStruct((2,), jnp.uint32), jax.ShapeDtypeStruct((1,) + image_shape,
                                                                      jnp.float32))
-    ckpt.check_signature(checkpoints.model_signature(config.model.name, config.model.kwargs,
-                                                     shapes))
+    # Only host 0 sees the checkpoints (the others get them by broadcast when restoring), so
+    # only host 0 can refuse the workdir; raise_together stops every host with its message.
+    refusal = None
+    try:
+      if mode == "eval" and is_host0 and not on_disk and loaded is None:
+        raise ValueError(f"Nothing to evaluate: no checkpoint in {ckpt.directory} and no "
+                         "config.init.official_weights / config.init.params_path.")
+      ckpt.check_signature(checkpoints.model_signature(config.model.name, config.model.kwargs,
+                                                       shapes))
+    except ValueError as e:
+      refusal = e
+    checkpoints.raise_together(refusal)
     # Only now: a refused run must not overwrite the config.json of the run it refused.
     reporter.write_config(config)
     ts = training.init_train_state(forward, optimizer, config.seed, image_shape)

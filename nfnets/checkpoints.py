@@ -38,6 +38,44 @@ class SignatureMismatchError(ValueError):
   """The workdir holds checkpoints of a different model than the one configured."""
 
 
+class StoppedByHostZeroError(ValueError):
+  """Host 0 refused to start (bad workdir, unreadable checkpoints, nothing to evaluate)."""
+
+
+# Room for host 0's one-line error when it is sent to the other hosts (longer is cut).
+_MESSAGE_BYTES = 1024
+
+
+def raise_together(error: Optional[Exception]) -> None:
+  """Raises on every process when host 0 failed a start-up check; returns when it did not.
+
+  Only host 0 reads the workdir, so only host 0 can find it unusable. If it raised alone, the
+  other hosts would wait in their next collective until a cluster timeout, with no message.
+  Every process calls this at the same point; host 0 passes what it caught (or None), the
+  others pass None and receive host 0's message, so every log names the cause.
+
+  Args:
+    error: the exception host 0 caught, or None.
+
+  Raises:
+    `error` itself on host 0, `StoppedByHostZeroError` with host 0's message elsewhere.
+  """
+  if jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  text = f"{type(error).__name__}: {error}".encode()[:_MESSAGE_BYTES] if error else b""
+  message = np.zeros(_MESSAGE_BYTES, np.uint8)
+  message[:len(text)] = np.frombuffer(text, np.uint8)
+  message = np.asarray(multihost_utils.broadcast_one_to_all(message))  # Host 0's copy wins.
+  if error is not None:
+    raise error
+  received = bytes(message).rstrip(b"\0").decode(errors="replace")
+  if received:
+    raise StoppedByHostZeroError(f"Host 0 stopped the run: {received}")
+
+
 def _leaf_paths(tree: Any) -> list[str]:
   return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
@@ -223,9 +261,13 @@ class Checkpointer:
     Returns:
       (state, step): the restored tree and its step, or (None, 0) when there is none.
     """
-    restored, step = None, 0
+    restored, step, error = None, 0, None
     if self.is_writer:
-      restored, step = self._restore_on_writer(template)
+      try:
+        restored, step = self._restore_on_writer(template)
+      except ValueError as e:  # Unreadable checkpoints or another model's: see raise_together.
+        error = e
+    raise_together(error)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       found = multihost_utils.broadcast_one_to_all(np.int32(restored is not None))

@@ -24,6 +24,39 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _run_two_processes(tmp_path_factory, workdirs, *extra: str, timeout: float):
+  """Runs experiment.py as process 0 and 1 of one jax.distributed job; [(exit code, output)]."""
+  port = _free_port()
+  procs = []
+  for pid, workdir in enumerate(workdirs):
+    env = rh.subprocess_env(tmp_path_factory, devices=1)
+    env.update(NFNETS_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               NFNETS_NUM_PROCESSES="2", NFNETS_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(rh.train_cmd(workdir, *extra), cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=timeout)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return [(p.returncode, out) for p, out in zip(procs, outs)]
+
+
+def test_a_refusal_on_host_zero_stops_every_host(tmp_path_factory, tmp_path):
+  # Only host 0 reads the workdir. Before raise_together, host 0 exited with this error while
+  # host 1 waited in its next collective (the checkpoint broadcast) with nothing in its log.
+  workdirs = [tmp_path / "host0", tmp_path / "host1"]
+  (code0, out0), (code1, out1) = _run_two_processes(tmp_path_factory, workdirs, "--mode=eval",
+                                                    timeout=300)
+  assert code0 == 1 and "error: ValueError: Nothing to evaluate" in out0, out0[-3000:]
+  assert code1 == 1, out1[-3000:]
+  assert ("error: StoppedByHostZeroError: Host 0 stopped the run: ValueError: Nothing to "
+          "evaluate: no checkpoint in") in out1, out1[-3000:]
+
+
 def test_two_processes_match_one_process_with_two_devices(tmp_path_factory, tmp_path):
   one = tmp_path / "one_process"
   env = rh.subprocess_env(tmp_path_factory, devices=2)
@@ -32,26 +65,10 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path_factory, tmp_
   assert proc.returncode == 0, proc.stdout + proc.stderr
   want = rh.read_checkpoint(one, rh.STEPS)
 
-  port = _free_port()
+  # Different workdir paths (on one machine) make "host 1 writes nothing" observable.
   workdirs = [tmp_path / "host0", tmp_path / "host1"]
-  procs = []
-  for pid, workdir in enumerate(workdirs):
-    penv = rh.subprocess_env(tmp_path_factory, devices=1)
-    penv.update(NFNETS_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                NFNETS_NUM_PROCESSES="2", NFNETS_PROCESS_ID=str(pid))
-    # Different workdir paths (on one machine) make "host 1 writes nothing" observable.
-    procs.append(subprocess.Popen(rh.train_cmd(workdir), cwd=REPO, env=penv,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=900)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-5000:]
+  for code, out in _run_two_processes(tmp_path_factory, workdirs, timeout=900):
+    assert code == 0, out[-5000:]
   assert not workdirs[1].exists(), sorted(os.listdir(workdirs[1]))
   assert rh.last_train_step(workdirs[0]) == rh.STEPS
   got = rh.read_checkpoint(workdirs[0], rh.STEPS)

@@ -15,8 +15,9 @@ everything but the classifier weight). Every NF block's `skip_gain` starts at 0 
 AGC caps a zero weight's gradient at lambda * eps = lambda * 1e-3, so it can grow by at most
 lr * lambda * 1e-3 per step (times the momentum gain). Over the paper's >100k steps that
 start-up cost vanishes; over this study's 30-190 steps the residual branches never switch on.
-Measured 2026-11-27 (2 CPU cores, B = 128, lr 0.1, 6 epochs): clipping the skip gains gives
-14.7 % (lambda 0.01) and 36.5 % (0.16) test top-1; leaving them out gives 82.3 % and 93.9 %.
+Measured 2026-11-27 (2 CPU cores, B = 128, lr 0.1, 6 epochs, mean of 3 seeds): clipping the
+skip gains gives 15.8 % (lambda 0.01) and 17.5 % (0.16) test top-1; leaving them out gives
+78.0 % and 91.8 %.
 `--clip-skip-gains` runs the paper-exact exclusions for comparison.
 
 Cost control: the train step is compiled once per batch size and reused for every lambda,
@@ -71,8 +72,8 @@ class StudyConfig:
     image_size: Input resolution (MNIST digits are 28 px).
     weight_decay: Coupled L2 on weights (not gains, biases or skip gains).
     seeds: One run per seed (initial weights and data order) for every (batch, lambda):
-      near the stability edge a single run is chaotic (changing only the compiled program
-      moved no-AGC at B = 128 from 91.4 % to 76.8 %), so the table reports the spread.
+      near the stability edge single runs disagree wildly (no AGC at B = 256: 77.2 %,
+      31.9 %, diverged), so the table reports the spread.
     agc_exclude: Parameters AGC leaves alone (`nfnets.agc` patterns). Default: the classifier
       weight, as in the paper, and the zero-initialised skip gains (see the module docstring).
   """

@@ -6,6 +6,8 @@ module imports JAX. TensorFlow (used by the input pipeline) is kept off any GPU.
 
 import os
 
+import pytest
+
 # LLVM optimisation level 0: the tests run tiny models, so the code they compile is cheap to
 # run but expensive to optimise (a lone jax.random.normal took ~30 s of CPU to compile at the
 # default level on the 2-core CI machine, 0.4 s at level 0; the suite's CPU time fell ~20 %).
@@ -38,3 +40,15 @@ def pytest_ignore_collect(collection_path, config):
     return None
   named = any(_TIMM_MODULE in str(arg) for arg in config.args)
   return None if named else True
+
+
+@pytest.fixture(scope="session")
+def tiny_imagenet(tmp_path_factory):
+  """(manual_dir, data_dir): a 3-class ImageNet (12 train, 6 validation JPEGs) in the official
+  tar layout, prepared into TFDS by the real `prepare_imagenet` path, once per session."""
+  from nfnets.data import prepare_imagenet  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  base = tmp_path_factory.getbasetemp() / "tiny_imagenet"
+  manual_dir, data_dir = str(base / "tars"), str(base / "tfds")
+  prepare_imagenet.write_fake_imagenet_tars(manual_dir, num_synsets=3, per_synset=4, num_val=6)
+  prepare_imagenet.prepare_imagenet(manual_dir, data_dir)
+  return manual_dir, data_dir

@@ -5,20 +5,13 @@ import numpy as np
 import pytest
 
 from nfnets.data import pipeline
-from nfnets.data import prepare_imagenet
 
 DEVICES = 2
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  # Same session-wide directory as the other data tests: built once per run.
-  base = tmp_path_factory.getbasetemp() / "tiny_imagenet"
-  if not (base / "done").exists():
-    prepare_imagenet.write_fake_imagenet_tars(str(base / "tars"))
-    prepare_imagenet.prepare_imagenet(str(base / "tars"), str(base / "tfds"))
-    (base / "done").write_text("ok")
-  return str(base / "tfds")
+def data_dir(tiny_imagenet):
+  return tiny_imagenet[1]
 
 
 def _config(data_dir, **kwargs):
@@ -40,12 +33,7 @@ def _train(config, steps, start_step=0, host_index=0, host_count=1, batch=8):
 @pytest.fixture(scope="module")
 def mixed_run(data_dir):
   """Five batches of a fresh iterator, with MixUp/CutMix and RandAugment."""
-  try:
-    import nfnets.data.randaugment  # pylint: disable=unused-import,g-import-not-at-top
-    level = "205"
-  except ImportError:
-    level = None
-  config = _config(data_dir, randaugment=level)
+  config = _config(data_dir, randaugment="205")
   return config, _train(config, 5)
 
 

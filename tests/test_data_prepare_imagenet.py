@@ -12,25 +12,8 @@ import pytest
 from nfnets.data import prepare_imagenet
 
 
-def _tiny_imagenet(tmp_path_factory):
-  """Builds the tiny set once per session (other data test modules reuse it)."""
-  base = tmp_path_factory.getbasetemp() / "tiny_imagenet"
-  manual_dir, data_dir = str(base / "tars"), str(base / "tfds")
-  if not (base / "done").exists():
-    prepare_imagenet.write_fake_imagenet_tars(manual_dir, num_synsets=3,
-                                              per_synset=4, num_val=6)
-    prepare_imagenet.prepare_imagenet(manual_dir, data_dir)
-    (base / "done").write_text("ok")
-  return manual_dir, data_dir
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  return _tiny_imagenet(tmp_path_factory)
-
-
-def test_fake_tars_have_official_layout(tiny):
-  manual_dir, _ = tiny
+def test_fake_tars_have_official_layout(tiny_imagenet):
+  manual_dir, _ = tiny_imagenet
   with tarfile.open(os.path.join(manual_dir, prepare_imagenet.TRAIN_TAR)) as outer:
     inner_names = outer.getnames()
     assert inner_names == ["n01440764.tar", "n01443537.tar", "n01484850.tar"]
@@ -43,9 +26,9 @@ def test_fake_tars_have_official_layout(tiny):
     assert len(val.getnames()) == 6
 
 
-def test_prepared_splits_and_format(tiny):
+def test_prepared_splits_and_format(tiny_imagenet):
   import tensorflow_datasets as tfds
-  _, data_dir = tiny
+  _, data_dir = tiny_imagenet
   builder = tfds.builder("imagenet2012", data_dir=data_dir)
   assert builder.is_prepared()
   assert builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD

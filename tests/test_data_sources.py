@@ -7,19 +7,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from nfnets.data import prepare_imagenet
 from nfnets.data import sources
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  # Same session-wide directory as the other data tests: built once per run.
-  base = tmp_path_factory.getbasetemp() / "tiny_imagenet"
-  if not (base / "done").exists():
-    prepare_imagenet.write_fake_imagenet_tars(str(base / "tars"))
-    prepare_imagenet.prepare_imagenet(str(base / "tars"), str(base / "tfds"))
-    (base / "done").write_text("ok")
-  return str(base / "tfds")
+def data_dir(tiny_imagenet):
+  return tiny_imagenet[1]
 
 
 def _config(**kwargs):

@@ -17,7 +17,6 @@ from nfnets.nf_regnet import NF_REGNET_VARIANTS, NF_RegNet, NFRegNetVariant
 
 # Widths 16..64 at multiplier 1: the first block (expansion 1) has 16 // 8 = 2 groups.
 TINY = NFRegNetVariant(width=(16, 24, 32, 64), depth=(2, 1, 1, 1), drop_rate=0.5)
-FAST_COMPILE = mh.FAST_COMPILE
 count = mh.count
 abstract_build = functools.partial(mh.abstract_build, NF_RegNet, image_size=64)
 
@@ -98,31 +97,9 @@ def test_swish_is_an_alias_of_silu():
 @pytest.fixture(scope='module')
 def tiny_run():
   """One tiny NF-RegNet: init, train steps and evals at skip_gain 0 and 1."""
-  forward = mh.transform(NF_RegNet, num_classes=5, variant=TINY, width=1.0,
-                         stochdepth_rate=0.5, fc_init=hk.initializers.RandomNormal(0.1))
-  rng = jax.random.PRNGKey(0)
-  images = jax.random.normal(rng, (4, 32, 32, 3))
-  labels = jnp.arange(4)
-  params, state = jax.jit(lambda r, x: forward.init(r, x, True),
-                          compiler_options=FAST_COMPILE)(rng, images)
-
-  def loss_fn(p, r):
-    outputs, _ = forward.apply(p, state, r, images, True, return_metrics=True)
-    logp = jax.nn.log_softmax(outputs['logits'])
-    return -jnp.mean(logp[jnp.arange(4), labels]), outputs
-
-  train = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), compiler_options=FAST_COMPILE)
-  evaluate = jax.jit(lambda p, r: forward.apply(p, state, r, images, False,
-                                                return_metrics=True)[0],
-                     compiler_options=FAST_COMPILE)
-  ones = hk.data_structures.map(
-      lambda m, n, v: jnp.ones_like(v) if n == 'skip_gain' else v, params)
-  keys = [jax.random.PRNGKey(k) for k in (1, 2)]
-  return {
-      'params': params, 'state': state,
-      'train0': [train(params, k) for k in keys], 'train1': [train(ones, k) for k in keys],
-      'eval1': [evaluate(ones, k) for k in keys],
-  }
+  return mh.nf_tiny_run(mh.transform(NF_RegNet, num_classes=5, variant=TINY, width=1.0,
+                                     stochdepth_rate=0.5,
+                                     fc_init=hk.initializers.RandomNormal(0.1)))
 
 
 def test_forward_backward(tiny_run):

@@ -18,7 +18,6 @@ from nfnets.nf_resnet import NF_ResNet
 from nfnets.resnet import RESNET_VARIANTS, ResNet, ResNetVariant
 
 TINY = ResNetVariant(depth=(2, 1, 1, 1))
-FAST_COMPILE = mh.FAST_COMPILE
 count = mh.count
 
 
@@ -114,31 +113,8 @@ def test_defaults_and_bad_arguments():
 @pytest.fixture(scope='module')
 def tiny_run():
   """One tiny NF-ResNet with SE: init, train steps and evals at skip_gain 0 and 1."""
-  forward = mh.transform(NF_ResNet, num_classes=5, variant=TINY, width=0.25, use_se=True,
-                         stochdepth_rate=0.5, drop_rate=0.5)
-  rng = jax.random.PRNGKey(0)
-  images = jax.random.normal(rng, (4, 32, 32, 3))
-  labels = jnp.arange(4)
-  params, state = jax.jit(lambda r, x: forward.init(r, x, True),
-                          compiler_options=FAST_COMPILE)(rng, images)
-
-  def loss_fn(p, r):
-    outputs, _ = forward.apply(p, state, r, images, True, return_metrics=True)
-    logp = jax.nn.log_softmax(outputs['logits'])
-    return -jnp.mean(logp[jnp.arange(4), labels]), outputs
-
-  train = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), compiler_options=FAST_COMPILE)
-  evaluate = jax.jit(lambda p, r: forward.apply(p, state, r, images, False,
-                                                return_metrics=True)[0],
-                     compiler_options=FAST_COMPILE)
-  ones = hk.data_structures.map(
-      lambda m, n, v: jnp.ones_like(v) if n == 'skip_gain' else v, params)
-  keys = [jax.random.PRNGKey(k) for k in (1, 2)]
-  return {
-      'params': params, 'state': state,
-      'train0': [train(params, k) for k in keys], 'train1': [train(ones, k) for k in keys],
-      'eval0': [evaluate(params, k) for k in keys], 'eval1': [evaluate(ones, k) for k in keys],
-  }
+  return mh.nf_tiny_run(mh.transform(NF_ResNet, num_classes=5, variant=TINY, width=0.25,
+                                     use_se=True, stochdepth_rate=0.5, drop_rate=0.5))
 
 
 def test_init_values(tiny_run):

@@ -356,30 +356,11 @@ def run(config: Any, workdir: str, mode: str = "train_and_eval") -> dict[str, fl
     return results
 
 
-def first_replica(tree: Any) -> Any:
-  """Host (numpy) copy of the first local device's replica of a replicated tree.
-
-  Reads the shard's buffer directly: slicing with `x[0]` would compile one tiny program
-  per leaf shape in every (re)started process, seconds of start-up on a small CPU.
-
-  Args:
-    tree: replicated pytree (leading device axis), device or host arrays.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  def first(x):
-    if isinstance(x, jax.Array):
-      return np.asarray(x.addressable_shards[0].data)[0]
-    return np.asarray(x)[0]
-
-  return jax.tree.map(first, tree)
-
-
 def _save(ckpt: Any, step: int, rts: Any, force: bool) -> None:
   """Checkpoints on the writer host when due (or when `force`)."""
+  from nfnets import training  # pylint: disable=g-import-not-at-top
   if ckpt.is_writer and (force or ckpt.should_save(step)):
-    ckpt.save(step, first_replica(rts))
+    ckpt.save(step, training.unreplicate(rts))
 
 
 def _train_loop(config, rts, step, total_steps, train_iter, forward, optimizer, schedule,
@@ -403,7 +384,7 @@ def _train_loop(config, rts, step, total_steps, train_iter, forward, optimizer, 
     rts, metrics = train_step(rts, batch)
     # Fetching the scalars each step syncs host and device; it is what lets a NaN stop
     # the run before any non-finite state could be checkpointed.
-    m = {k: float(v) for k, v in first_replica(metrics).items()}
+    m = {k: float(v) for k, v in training.unreplicate(metrics).items()}
     step += 1
     if step == first_step + 1:
       reporter.compile_done(step, time.monotonic() - t0)
@@ -436,7 +417,7 @@ def _raise_nonfinite(m: dict, rts: Any, step: int, ckpt: Any) -> None:
   ckpt.wait()  # A write of the last good step may still be in flight: name it once landed.
   ordered = {k: m[k] for k in ("loss", "grad_norm", "update_norm", "param_norm") if k in m}
   what = training.first_nonfinite(ordered) or "a metric"
-  param = training.first_nonfinite({"params": first_replica(rts.params)})
+  param = training.first_nonfinite({"params": training.unreplicate(rts.params)})
   steps = ckpt.all_steps()
   kept = f"last good checkpoint: step {steps[-1]}" if steps else "no checkpoint was written"
   raise NonFiniteError(

@@ -131,15 +131,19 @@ def replicate(tree: PyTree, devices: Optional[Sequence[jax.Device]] = None) -> P
 
 
 def unreplicate(tree: PyTree) -> PyTree:
-  """Takes the first device's copy of each leaf (replicas agree after a synced step).
+  """Host (numpy) copy of the first local device's replica (replicas agree after a synced step).
 
-  Device arrays come back on that one device, as new buffers (safe to keep after the
-  replicated input is donated); `x[0]` would instead gather a copy onto every device.
+  Reads the first shard's buffer directly and copies it: `x[0]` on a device array would compile
+  one tiny program per leaf shape in every (re)started process (seconds of start-up on a small
+  CPU), and the copy stays valid after the replicated input is donated to the next step.
+
+  Args:
+    tree: replicated pytree (leading device axis) of device or host arrays.
   """
   def first(x):
-    if isinstance(x, jax.Array) and len(x.addressable_shards) > 1:
-      return x.addressable_shards[0].data[0]
-    return x[0]
+    if isinstance(x, jax.Array):
+      return np.array(x.addressable_shards[0].data)[0]
+    return np.array(x)[0]
 
   return jax.tree.map(first, tree)
 

@@ -127,7 +127,12 @@ def test_steps_reduce_loss_and_ema_follows_warmup(ts0, base_step):
       ema_p, ema_s = training.unreplicate((ts.ema_params, ts.ema_state))
       _assert_trees_close(ema_p, jax.tree.map(lambda a, b: 0.1 * a + 0.9 * b, ts0.params, p1))
       _assert_trees_close(ema_s, jax.tree.map(lambda a, b: 0.1 * a + 0.9 * b, ts0.state, s1))
+      snapshot = jax.tree.map(np.copy, p1)
   assert int(training.unreplicate(ts.step)) == 4
+  # unreplicate hands back host copies: still intact after the state they came from was
+  # donated to three more steps.
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(p1))
+  _assert_trees_close(p1, snapshot, 0, 0)
   assert history[-1]['loss'] < history[0]['loss'] - 0.05, [float(m['loss']) for m in history]
   for m in history:
     assert m['finite'] == 1.0 and m['skipped'] == 0.0

@@ -8,7 +8,8 @@ official checkpoints load into these modules unchanged:
 - `SqueezeExcite`: returns the sigmoid gate; sub-modules `linear`, `linear_1`.
 - `StochDepth`: drops whole residual branches per example while training.
 - `signal_metrics`: signal-propagation statistics of an NHWC activation.
-- `apply_blocks`, `classifier_head`: the body loop and the head every family shares.
+- `merge_nf_residual`, `apply_blocks`, `classifier_head`: the block ending, body loop and head
+  the families share.
 
 All layers compute in the dtype of their inputs and parameters: bf16 training
 casts the parameters to bf16 and feeds bf16 images, so nothing here upcasts.
@@ -296,6 +297,35 @@ def signal_metrics(x: jax.Array, i: Union[int, str]) -> Dict[str, jax.Array]:
       f'avg_sq_mean_{i}': jnp.mean(jnp.mean(x, axis=(0, 1, 2)) ** 2),
       f'avg_var_{i}': jnp.mean(jnp.var(x, axis=(0, 1, 2))),
   }
+
+
+def merge_nf_residual(branch: jax.Array, shortcut: jax.Array, alpha: float, is_training: bool,
+                      stoch_depth: Optional[StochDepth] = None,
+                      skip_gain_init: hk.initializers.Initializer = jnp.zeros
+                      ) -> "tuple[jax.Array, jax.Array]":
+  """The end of every NF block: shortcut + alpha * skip_gain * branch.
+
+  Creates the scalar parameter 'skip_gain' in the calling block's scope (a function, not a
+  module, so the official parameter path '<block>/skip_gain' is kept).
+
+  Args:
+    branch: Output of the residual branch.
+    shortcut: The skip path (identity or projection).
+    alpha: The per-block variance growth rate; with skip_gain = 1 the skip path's variance
+      grows by alpha**2 per block.
+    is_training: Stochastic depth drops branches only when True.
+    stoch_depth: Optional `StochDepth`, applied after the metric below is taken.
+    skip_gain_init: Zeros (SkipInit: every block starts as the identity) or e.g. ones.
+
+  Returns:
+    (output, res_avg_var): the block output and the mean per-channel variance of the branch
+    before skip_gain and stochastic depth (the signal-propagation metric).
+  """
+  res_avg_var = jnp.mean(jnp.var(branch, axis=(0, 1, 2)))
+  if stoch_depth is not None:
+    branch = stoch_depth(branch, is_training)
+  skip_gain = hk.get_parameter('skip_gain', (), branch.dtype, init=skip_gain_init)
+  return branch * skip_gain * alpha + shortcut, res_avg_var
 
 
 # A residual block: (x, is_training) -> (output, variance of the residual branch).

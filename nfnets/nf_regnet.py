@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from nfnets.activations import get_activation
-from nfnets.layers import SqueezeExcite, StochDepth, WSConv2D, apply_blocks, classifier_head
+from nfnets.layers import (SqueezeExcite, StochDepth, WSConv2D, apply_blocks, classifier_head,
+                           merge_nf_residual)
 from nfnets.nf_resnet import check_rates, nf_block_schedule
 
 # The official default 'swish' is not in the gamma table (a KeyError there); it is SiLU.
@@ -143,11 +144,8 @@ class NFRegBlock(hk.Module):
     # SE on the raw grouped-conv output; x2 undoes the ~0.5 mean of the sigmoid gate at init.
     out = 2.0 * self.se(out) * out
     out = self.conv2(self.activation(out))
-    res_avg_var = jnp.mean(jnp.var(out, axis=(0, 1, 2)))
-    if self.stoch_depth is not None:
-      out = self.stoch_depth(out, is_training)
-    skip_gain = hk.get_parameter('skip_gain', (), out.dtype, init=self.skip_gain_init)
-    return out * skip_gain * self.alpha + shortcut, res_avg_var
+    return merge_nf_residual(out, shortcut, self.alpha, is_training,
+                             stoch_depth=self.stoch_depth, skip_gain_init=self.skip_gain_init)
 
 
 class NF_RegNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)

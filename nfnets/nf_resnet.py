@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from nfnets.activations import get_activation
-from nfnets.layers import SqueezeExcite, StochDepth, WSConv2D, apply_blocks, classifier_head
+from nfnets.layers import (SqueezeExcite, StochDepth, WSConv2D, apply_blocks, classifier_head,
+                           merge_nf_residual)
 from nfnets.resnet import (RESNET_VARIANTS, STAGE_STRIDES, ResNetVariant, resolve_resnet_variant,
                            stage_widths)
 
@@ -122,11 +123,8 @@ class NFResBlock(hk.Module):
     if self.use_se:
       # The sigmoid gate averages ~0.5 at init; x2 keeps the branch variance near 1.
       out = 2.0 * self.se(out) * out
-    res_avg_var = jnp.mean(jnp.var(out, axis=(0, 1, 2)))
-    if self.stoch_depth is not None:
-      out = self.stoch_depth(out, is_training)
-    skip_gain = hk.get_parameter('skip_gain', (), out.dtype, init=self.skip_gain_init)
-    return out * skip_gain * self.alpha + shortcut, res_avg_var
+    return merge_nf_residual(out, shortcut, self.alpha, is_training,
+                             stoch_depth=self.stoch_depth, skip_gain_init=self.skip_gain_init)
 
 
 class NF_ResNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)

@@ -20,7 +20,6 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
 
 from nfnets import activations
 from nfnets import layers
@@ -249,12 +248,9 @@ class NFBlock(hk.Module):
     out = self.conv2(self.activation(out))
     # 2 * sigmoid gate: the gate is ~0.5 at init, so the branch keeps its scale.
     out = (self.se(out) * 2) * out
-    res_avg_var = jnp.mean(jnp.var(out, axis=(0, 1, 2)))
-    if self.use_stochdepth:
-      out = self.stoch_depth(out, is_training)
-    skip_gain = hk.get_parameter('skip_gain', (), out.dtype, init=jnp.zeros)
-    out = out * skip_gain
-    return out * self.alpha + shortcut, res_avg_var
+    return layers.merge_nf_residual(
+        out, shortcut, self.alpha, is_training,
+        stoch_depth=self.stoch_depth if self.use_stochdepth else None)
 
 
 class NFNet(hk.Module):

@@ -209,3 +209,25 @@ def test_apply_blocks_records_metrics_and_stage_outputs():
   quiet = {}
   layers.apply_blocks(blocks, x, True, quiet, return_metrics=False)
   assert quiet == {}
+
+
+def test_merge_nf_residual_formula_metric_and_parameter_name():
+  rng = np.random.default_rng(0)
+  branch = jnp.asarray(rng.normal(size=(2, 3, 3, 4)), jnp.float32)
+  shortcut = jnp.asarray(rng.normal(size=(2, 3, 3, 4)), jnp.float32)
+
+  def f(b, s):
+    return layers.merge_nf_residual(b, s, 0.2, False,
+                                    skip_gain_init=hk.initializers.Constant(1.5))
+
+  fwd = hk.transform(f)
+  params = fwd.init(None, branch, shortcut)
+  assert jax.tree.map(jnp.shape, params) == {'~': {'skip_gain': ()}}
+  out, res_avg_var = fwd.apply(params, None, branch, shortcut)
+  np.testing.assert_allclose(out, shortcut + 0.2 * 1.5 * branch, rtol=1e-6)
+  np.testing.assert_allclose(res_avg_var, np.mean(np.var(np.asarray(branch), axis=(0, 1, 2))),
+                             rtol=1e-6)
+  # SkipInit: the zero-initialised gain makes the block the identity on its skip path.
+  zero = hk.transform(lambda b, s: layers.merge_nf_residual(b, s, 0.2, False))
+  out0, _ = zero.apply(zero.init(None, branch, shortcut), None, branch, shortcut)
+  np.testing.assert_array_equal(out0, shortcut)

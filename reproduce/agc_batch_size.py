@@ -200,19 +200,20 @@ def train_one(study: StudyConfig, step_fn, optimizer, forward, seed: int, train_
           'mean_fraction_clipped': float(np.mean(clipped)), 'seconds': time.time() - start}
 
 
-def run_batch_size(study: StudyConfig, batch_size: int, batches_by_seed, eval_batches,
-                   num_train: int, forward) -> list[dict[str, Any]]:
+def run_batch_size(study: StudyConfig, batch_size: int, batches_by_seed, eval_step,
+                   eval_batches, num_train: int, forward) -> list[dict[str, Any]]:
   """Trains every (seed, lambda) at `batch_size`, reusing one compiled train step.
 
   Args:
     batches_by_seed: {seed: the materialised training batches of that seed's data order};
       all lambdas of one seed train on the same batches from the same initial weights.
+    eval_step: `training.make_eval_step(forward, 10)`, built once for the whole study: the
+      eval batches do not depend on the training batch size, so neither does its program.
   """
   steps_per_epoch = num_train / batch_size
   total_steps = len(next(iter(batches_by_seed.values())))
   results = []
   step_fn = None
-  eval_step = training.make_eval_step(forward, 10)
   for seed in study.seeds:
     for clipping in study.clippings:
       optimizer, schedule = make_optimizer(study, clipping, batch_size, steps_per_epoch,
@@ -332,6 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   eval_batches = list(data_lib.build_eval_iterator(
       dconfig, global_batch_size=500, host_index=0, host_count=1, local_device_count=1))
   forward = make_forward(study)
+  eval_step = training.make_eval_step(forward, 10)
   results = []
   payload = {'study': dataclasses.asdict(study), 'machine': outputs.machine_note(),
              'results': results}
@@ -343,8 +345,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         host_index=0, host_count=1, local_device_count=1), steps) for seed in study.seeds}
     print(f'B={batch_size}: {steps} steps x {len(study.seeds)} seeds, data ready in '
           f'{time.time() - t0:.1f} s', flush=True)
-    results.extend(run_batch_size(study, batch_size, batches_by_seed, eval_batches, num_train,
-                                  forward))
+    results.extend(run_batch_size(study, batch_size, batches_by_seed, eval_step, eval_batches,
+                                  num_train, forward))
     payload['seconds_so_far'] = time.time() - begin
     outputs.write_json(name, payload)  # After each batch size, so a timeout keeps results.
   payload['total_seconds'] = time.time() - begin

@@ -10,8 +10,10 @@ CPU, small batch, with the timm ratio (about 6 minutes on 2 cores):
   python bench/benchmark.py --variant=F0 --batch=4 --image_size=128 --eval_image_size=128 \
       --dtype=float32 --steps=5 --warmup=2 --timm
 
-What one "train" step is: forward, backward, AGC, SGD-Nesterov with coupled weight decay and the
-EMA update: exactly `nfnets.training.make_train_step`, on synthetic data already on the device.
+What one "train" step is: on-device MixUp/CutMix + RandAugment (--augment), forward, backward
+(in --accum micro-batches, --remat), AGC, SGD-Nesterov with coupled weight decay and the EMA
+update: exactly `nfnets.train.step.make_train_step`, on uint8 synthetic data already on the
+device.
 "eval" is the forward pass at the evaluation resolution. Reported per mode: images/s, median
 ms/step over `--steps` timed steps after `--warmup`, compile seconds cold and from the persistent
 compilation cache, peak device memory (where the backend reports it) and MFU: the model's own
@@ -32,16 +34,6 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-# Dense peak matrix throughput per device kind (TFLOP/s, bf16, no sparsity), from vendor sheets.
-# MFU is only reported against a known or user-given peak: a guessed peak would be a made-up number.
-PEAK_TFLOPS = {
-    'H100': 989.0,
-    'H200': 989.0,
-    'A100': 312.0,
-    'TPU v4': 275.0,
-    'TPU v5 lite': 197.0,
-}
-
 TINY_VARIANT = dict(width=(16, 32, 64, 64), depth=(1, 1, 1, 1), group_width=8,
                     train_imsize=32, test_imsize=32, drop_rate=0.0)
 
@@ -57,12 +49,16 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
   parser.add_argument('--dtype', choices=('bfloat16', 'float32'), default='bfloat16',
                       help='Compute precision of the training step (params stay float32).')
   parser.add_argument('--modes', default='train,eval', help='Comma list of train, eval.')
+  parser.add_argument('--accum', default='1', help='Comma list of gradient accumulation steps.')
+  parser.add_argument('--remat', default='none', help="Comma list of 'none', 'block'.")
+  parser.add_argument('--augment', choices=('paper', 'fast', 'none'), default='paper',
+                      help="The train step's on-device MixUp/CutMix + RandAugment ('none': off).")
   parser.add_argument('--steps', type=int, default=20, help='Timed steps (median reported).')
   parser.add_argument('--warmup', type=int, default=3, help='Untimed steps after compiling.')
   parser.add_argument('--timm', action='store_true', help="Also run timm's dm_nfnet in this process.")
   parser.add_argument('--timm_compile', action='store_true', help='torch.compile the timm model.')
   parser.add_argument('--peak_tflops', type=float, default=None,
-                      help='Device peak for MFU when the device kind is not in PEAK_TFLOPS.')
+                      help='Device peak for MFU when the device kind is not in reporting.PEAK_TFLOPS.')
   parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results'),
                       help='Folder for the JSON record list (one file per run).')
   args = parser.parse_args(argv)
@@ -95,12 +91,9 @@ def _device_info() -> Dict[str, Any]:
 
 
 def _peak_flops(device_kind: str, override: Optional[float]) -> Optional[float]:
-  if override:
-    return override * 1e12
-  for key, tflops in PEAK_TFLOPS.items():
-    if key.lower() in device_kind.lower():
-      return tflops * 1e12
-  return None
+  # One table of device peaks, the training loop's (nfnets.train.reporting.PEAK_TFLOPS).
+  from nfnets.train import reporting  # pylint: disable=g-import-not-at-top
+  return override * 1e12 if override else reporting.peak_flops(device_kind)
 
 
 def _peak_memory_gb() -> Optional[float]:
@@ -121,26 +114,42 @@ def _versions() -> Dict[str, str]:
   return out
 
 
+def _train_options(args: argparse.Namespace, accum: int):
+  from nfnets.train.options import TrainOptions  # pylint: disable=g-import-not-at-top
+  return TrainOptions(label_smoothing=0.1, bfloat16=args.dtype == 'bfloat16',
+                      grad_accum_steps=accum)
+
+
+def _data_options(args: argparse.Namespace, spec: Any, size: int):
+  """The paper's augmentation (on the device, inside the step) or none (--augment=none)."""
+  from nfnets.data.options import DataOptions  # pylint: disable=g-import-not-at-top
+  if args.augment == 'none':
+    return DataOptions(image_size=size, randaugment='', mixup_alpha=0.0, cutmix=False)
+  return DataOptions(image_size=size, randaugment=getattr(spec, 'ra_level', '405'),
+                     mixup_alpha=0.2, cutmix=True, mix_mode=args.augment)
+
+
 def bench_nfnets(args: argparse.Namespace, info: Dict[str, Any]) -> List[Dict[str, Any]]:
-  """Times our train and eval steps; returns one record per mode."""
+  """Times our train step (per accumulation x remat setting) and eval step; one record each."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from nfnets import flops, models, optim, training  # pylint: disable=g-import-not-at-top
+  from nfnets.analysis import flops  # pylint: disable=g-import-not-at-top
+  from nfnets.augment import batch as augment_batch  # pylint: disable=g-import-not-at-top
+  from nfnets.models import registry  # pylint: disable=g-import-not-at-top
+  from nfnets.train import optim  # pylint: disable=g-import-not-at-top
+  from nfnets.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from nfnets.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   variant = TINY_VARIANT if args.variant == 'tiny' else args.variant
   num_classes = 10 if args.variant == 'tiny' else 1000
-  spec = models.resolve_kwargs('NFNet', {'variant': variant})['variant']
-  spec = spec if not isinstance(spec, str) else models.MODELS['NFNet'].VARIANTS[spec]
+  spec = registry.resolve_kwargs('NFNet', {'variant': variant})['variant']
   train_size = args.image_size or spec.train_imsize
   eval_size = args.eval_image_size or spec.test_imsize
-  # The paper's regularisers are on: their cost is part of the real step.
-  forward = models.make_forward('NFNet', num_classes, variant=variant, stochdepth_rate=0.25)
   device = jax.local_devices()[:1]
   peak = _peak_flops(info['device'], args.peak_tflops)
   records = []
 
-  def record(mode, size, ms, compile_cold, compile_cached, macs_per_image):
+  def record(mode, size, ms, compile_cold, compile_cached, macs_per_image, memory, **extra):
     flops_per_step = macs_per_image * 2 * (3 if mode == 'train' else 1) * args.batch
     return {
         **info, 'date': datetime.date.today().isoformat(), 'implementation': 'nfnets (this repo)',
@@ -150,7 +159,8 @@ def bench_nfnets(args: argparse.Namespace, info: Dict[str, Any]) -> List[Dict[st
         'mfu': None if peak is None else flops_per_step / (ms / 1e3) / peak,
         'peak_memory_gb': _peak_memory_gb(), 'compile_seconds': compile_cold,
         'compile_seconds_cached': compile_cached, 'macs_per_image': macs_per_image,
-        'versions': _versions(),
+        'compiled_temp_gb': None if memory is None else memory.temp_size_in_bytes / 2**30,
+        'versions': _versions(), **extra,
     }
 
   def compile_twice(make_fn, make_args):
@@ -169,36 +179,43 @@ def bench_nfnets(args: argparse.Namespace, info: Dict[str, Any]) -> List[Dict[st
     return out, cold, time.perf_counter() - start
 
   if 'train' in args.modes:
-    opt_config = optim.default_config()
-    optimizer, schedule = optim.build_optimizer(opt_config, batch_size=args.batch,
-                                                steps_per_epoch=1000, total_steps=100000)
-    train_config = ml_collections.ConfigDict({
-        'label_smoothing': 0.1, 'bfloat16': args.dtype == 'bfloat16', 'sam_rho': 0.0,
-        'sam_fraction': 0.2, 'skip_nonfinite': False})
-    host_state = training.init_train_state(forward, optimizer, 0, (train_size, train_size, 3))
-    host_state = jax.device_get(host_state)
+    data = _data_options(args, spec, train_size)
     rng = np.random.default_rng(0)
-    batch = training.replicate({
-        'images': rng.normal(size=(args.batch, train_size, train_size, 3)).astype(np.float32),
-        'labels': rng.integers(0, num_classes, size=(args.batch,)).astype(np.int32)}, device)
+    inputs = args.batch * data.inputs_per_example
+    batch = state_lib.replicate({
+        'images': rng.integers(0, 256, size=(inputs, train_size, train_size, 3), dtype=np.uint8),
+        'labels': rng.integers(0, num_classes, size=(inputs,)).astype(np.int32)}, device)
+    for remat in args.remat.split(','):
+      # The paper's regularisers are on: their cost is part of the real step.
+      forward = registry.make_forward('NFNet', num_classes, variant=variant,
+                                      stochdepth_rate=0.25, remat=remat)
+      optimizer, schedule = optim.build_optimizer(None, batch_size=args.batch,
+                                                  steps_per_epoch=1000, total_steps=100000)
+      host_state = jax.device_get(state_lib.init_train_state(
+          forward, optimizer, 0, (train_size, train_size, 3)))
+      macs = flops.count_macs(forward, train_size)
+      for accum in [int(k) for k in args.accum.split(',')]:
+        def make_step():
+          return step_lib.make_train_step(
+              forward, optimizer, schedule, _train_options(args, accum), num_classes,
+              ema_decay=0.99999, augment=augment_batch.make_augment(data), accum_steps=accum,
+              devices=device)
+        # The step donates its state: thread it through every call.
+        holder = {}
+        (holder['state'], _), cold, cached = compile_twice(
+            make_step, lambda: (state_lib.replicate(host_state, device), batch))
+        compiled = make_step().lower(holder['state'], batch).compile()
+        memory = compiled.memory_analysis()
 
-    def make_step():
-      return training.make_train_step(forward, optimizer, schedule, train_config, num_classes,
-                                      ema_decay=opt_config.ema_decay, devices=device)
-    # The step donates its state: thread it through every call.
-    holder = {}
-    (holder['state'], _), cold, cached = compile_twice(
-        make_step, lambda: (training.replicate(host_state, device), batch))
-    step_fn = make_step()
-
-    def one_step():
-      holder['state'], metrics = step_fn(holder['state'], batch)
-      return metrics
-    ms = _median_ms(one_step, jax.block_until_ready, args.steps, args.warmup)
-    macs = flops.count_macs(forward, train_size)
-    records.append(record('train', train_size, ms, cold, cached, macs))
+        def one_step():
+          holder['state'], metrics = compiled(holder['state'], batch)
+          return metrics
+        ms = _median_ms(one_step, jax.block_until_ready, args.steps, args.warmup)
+        records.append(record('train', train_size, ms, cold, cached, macs, memory,
+                              accum_steps=accum, remat=remat, augment=args.augment))
 
   if 'eval' in args.modes:
+    forward = registry.make_forward('NFNet', num_classes, variant=variant)
     params, fstate = jax.jit(lambda r, x: forward.init(r, x, is_training=False))(
         jax.random.PRNGKey(0), jnp.zeros((1, eval_size, eval_size, 3)))
     images = jnp.asarray(np.random.default_rng(1).normal(
@@ -208,10 +225,11 @@ def bench_nfnets(args: argparse.Namespace, info: Dict[str, Any]) -> List[Dict[st
       return jax.jit(lambda p, s, x: forward.apply(p, s, None, x, is_training=False)[0]['logits'])
     _, cold, cached = compile_twice(make_eval, lambda: (params, fstate, images))
     eval_fn = make_eval()
+    memory = eval_fn.lower(params, fstate, images).compile().memory_analysis()
     ms = _median_ms(lambda: eval_fn(params, fstate, images), jax.block_until_ready,
                     args.steps, args.warmup)
     macs = flops.count_macs(forward, eval_size)
-    records.append(record('eval', eval_size, ms, cold, cached, macs))
+    records.append(record('eval', eval_size, ms, cold, cached, macs, memory))
   return records
 
 

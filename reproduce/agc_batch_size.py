@@ -44,13 +44,20 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from nfnets import agc as agc_lib
-from nfnets import models, optim, training
-from nfnets.resnet import ResNetVariant
+from nfnets.augment import batch as augment_batch
+from nfnets.data.options import DataOptions
+from nfnets.models import registry
+from nfnets.models.variants import ResNetVariant
+from nfnets.train import agc as agc_lib
+from nfnets.train import evaluation
+from nfnets.train import loop
+from nfnets.train import optim
+from nfnets.train import state as state_lib
+from nfnets.train import step as step_lib
+from nfnets.train.options import AGCOptions, OptimizerOptions, TrainOptions
 from reproduce import outputs
 
 NO_AGC = None  # The clipping value that stands for "trained without AGC".
@@ -114,20 +121,19 @@ QUICK = dataclasses.replace(FULL, batch_sizes=(128, 512), clippings=(NO_AGC, 0.0
 PAPER_EXCLUDE = (agc_lib.CLASSIFIER_WEIGHT,)
 
 
-def data_config(data_dir: str, image_size: int, seed: int) -> ml_collections.ConfigDict:
-  """The mnist5k section of a config, with the demo's light augmentation (4-px shifts)."""
-  return ml_collections.ConfigDict({
-      'name': 'mnist5k', 'data_dir': data_dir, 'num_classes': 10, 'seed': seed,
-      'train_split': 'train', 'eval_split': 'test',
-      'image_size': image_size, 'eval_image_size': image_size,
-      'train_preproc': 'random_crop_pad4', 'eval_preproc': 'resize_only',
-      'random_flip': False, 'randaugment': '', 'mixup_alpha': 0.0, 'cutmix': False})
+def data_config(data_dir: str, image_size: int, seed: int) -> DataOptions:
+  """The mnist5k data options, with the demo's light augmentation (4-px shifts)."""
+  return DataOptions(name='mnist5k', data_dir=data_dir, num_classes=10, seed=seed,
+                     train_split='train', eval_split='test', image_size=image_size,
+                     eval_image_size=image_size, train_preproc='random_crop_pad4',
+                     eval_preproc='resize_only', random_flip=False, randaugment='',
+                     mixup_alpha=0.0, cutmix=False)
 
 
 def make_forward(study: StudyConfig):
   """The NF-ResNet under study (no stochastic depth or dropout: short runs need neither)."""
-  return models.make_forward('NF_ResNet', 10, variant=ResNetVariant(depth=study.depth),
-                             width=study.width, stochdepth_rate=0.0, drop_rate=0.0)
+  return registry.make_forward('NF_ResNet', 10, variant=ResNetVariant(depth=study.depth),
+                               width=study.width, stochdepth_rate=0.0, drop_rate=0.0)
 
 
 def make_optimizer(study: StudyConfig, clipping: Optional[float], batch_size: int,
@@ -141,17 +147,15 @@ def make_optimizer(study: StudyConfig, clipping: Optional[float], batch_size: in
   Returns:
     (optimizer, schedule).
   """
-  opt_config = optim.default_config()
-  opt_config.name = 'sgd'  # AGC is prepended below, with lambda as state.
-  opt_config.lr = study.base_lr
-  opt_config.warmup_epochs = study.warmup_epochs
-  opt_config.weight_decay = study.weight_decay
+  opt_config = OptimizerOptions(name='sgd', lr=study.base_lr,  # AGC is prepended below.
+                                warmup_epochs=study.warmup_epochs,
+                                weight_decay=study.weight_decay)
   sgd, schedule = optim.build_optimizer(opt_config, batch_size=batch_size,
                                         steps_per_epoch=steps_per_epoch,
                                         total_steps=total_steps)
   agc = optax.inject_hyperparams(agc_lib.adaptive_grad_clip, static_args=('exclude',))(
       clipping=math.inf if clipping is NO_AGC else float(clipping),
-      eps=opt_config.agc.eps, exclude=tuple(study.agc_exclude))
+      eps=AGCOptions().eps, exclude=tuple(study.agc_exclude))
   return optax.chain(agc, sgd), schedule
 
 
@@ -160,40 +164,31 @@ def materialise(iterator, num_batches: int) -> list[dict[str, np.ndarray]]:
   return [next(iterator) for _ in range(num_batches)]
 
 
-def evaluate(eval_step, params, state, eval_batches) -> float:
-  """Top-1 accuracy over the whole test split (padding excluded)."""
-  correct = count = 0.0
-  for batch in eval_batches:
-    sums = training.unreplicate(eval_step(params, state, batch))
-    correct += float(sums['top_1_correct'])
-    count += float(sums['count'])
-  return correct / count
-
-
 def train_one(study: StudyConfig, step_fn, optimizer, forward, seed: int, train_batches,
               eval_step, eval_batches) -> dict[str, Any]:
-  """One training run; returns its accuracy, loss and clip record (no batch/lambda keys)."""
-  ts = training.replicate(training.init_train_state(
+  """One training run (the library's step loop); returns its accuracy, loss and clip record."""
+  ts = state_lib.replicate(state_lib.init_train_state(
       forward, optimizer, seed, (study.image_size, study.image_size, 1)))
   start = time.time()
-  losses, clipped, diverged_at = [], [], None
-  for step, batch in enumerate(train_batches):
-    ts, metrics = step_fn(ts, batch)
-    metrics = training.unreplicate(metrics)
-    loss = float(metrics['loss'])
-    losses.append(loss)
+  losses, clipped = [], []
+
+  def after_step(step: int, rts, metrics) -> bool:
+    del rts
+    metrics = state_lib.unreplicate(metrics)
+    losses.append(float(metrics['loss']))
     clipped.append(float(metrics.get('agc/fraction_clipped', 0.0)))
-    if not math.isfinite(loss):
-      # Non-finite weights cannot recover; stop instead of spending the remaining steps.
-      diverged_at = step
-      break
-  params = training.unreplicate(ts.params)
-  state = training.unreplicate(ts.state)
+    # Non-finite weights cannot recover; stop instead of spending the remaining steps.
+    return math.isfinite(losses[-1])
+
+  ts, _, stopped = loop.run_steps(step_fn, ts, train_batches, 0, len(train_batches), after_step)
+  diverged_at = len(losses) - 1 if stopped else None
+  params = state_lib.unreplicate(ts.params)
+  state = state_lib.unreplicate(ts.state)
   finite_params = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
   diverged = diverged_at is not None or not finite_params
   # argmax of NaN logits is meaningless: a diverged run scores chance level (10 classes).
-  accuracy = 0.1 if diverged else evaluate(eval_step, training.replicate(params),
-                                           training.replicate(state), eval_batches)
+  accuracy = 0.1 if diverged else evaluation.evaluate(
+      eval_step, {'': state_lib.replicate((params, state))}, eval_batches)['top_1_acc']
   return {'seed': seed, 'steps': len(losses), 'test_top1': accuracy, 'diverged': diverged,
           'diverged_at_step': diverged_at, 'final_train_loss': losses[-1],
           'min_train_loss': float(np.nanmin(losses)),
@@ -207,7 +202,7 @@ def run_batch_size(study: StudyConfig, batch_size: int, batches_by_seed, eval_st
   Args:
     batches_by_seed: {seed: the materialised training batches of that seed's data order};
       all lambdas of one seed train on the same batches from the same initial weights.
-    eval_step: `training.make_eval_step(forward, 10)`, built once for the whole study: the
+    eval_step: `step.make_eval_step(forward, 10)`, built once for the whole study: the
       eval batches do not depend on the training batch size, so neither does its program.
   """
   steps_per_epoch = num_train / batch_size
@@ -220,9 +215,10 @@ def run_batch_size(study: StudyConfig, batch_size: int, batches_by_seed, eval_st
                                            total_steps)
       if step_fn is None:
         # Built once: lambda is read from the optimizer state, so the program is shared.
-        step_fn = training.make_train_step(
-            forward, optimizer, schedule, ml_collections.ConfigDict({'label_smoothing': 0.0}),
-            10, ema_decay=0.99)
+        step_fn = step_lib.make_train_step(
+            forward, optimizer, schedule, TrainOptions(label_smoothing=0.0, bfloat16=False),
+            10, ema_decay=0.99, augment=augment_batch.make_augment(
+                data_config('', study.image_size, 0)))
       result = {'batch_size': batch_size, 'clipping': clipping,
                 'peak_lr': study.peak_lr(batch_size), 'total_steps': total_steps}
       result.update(train_one(study, step_fn, optimizer, forward, seed,
@@ -325,22 +321,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     saved = json.loads((outputs.RESULTS_DIR / f'{name}.json').read_text())
     return write_summary(study_from_dict(saved['study']), name, saved)
   # Imported here: TensorFlow is heavy and only this script needs the input pipeline.
-  from nfnets import data as data_lib  # pylint: disable=g-import-not-at-top
+  from nfnets.data import pipeline  # pylint: disable=g-import-not-at-top
 
   begin = time.time()
   dconfig = data_config(args.data_dir, study.image_size, study.seeds[0])
-  num_train, _, _ = data_lib.dataset_info(dconfig)
-  eval_batches = list(data_lib.build_eval_iterator(
+  num_train = pipeline.dataset_info(dconfig).num_train
+  eval_batches = list(pipeline.build_eval_iterator(
       dconfig, global_batch_size=500, host_index=0, host_count=1, local_device_count=1))
   forward = make_forward(study)
-  eval_step = training.make_eval_step(forward, 10)
+  eval_step = step_lib.make_eval_step(forward, 10)
   results = []
   payload = {'study': dataclasses.asdict(study), 'machine': outputs.machine_note(),
              'results': results}
   for batch_size in study.batch_sizes:
     t0 = time.time()
     steps = math.ceil(study.epochs * num_train / batch_size)
-    batches_by_seed = {seed: materialise(data_lib.build_train_iterator(
+    batches_by_seed = {seed: materialise(pipeline.build_train_iterator(
         data_config(args.data_dir, study.image_size, seed), global_batch_size=batch_size,
         host_index=0, host_count=1, local_device_count=1), steps) for seed in study.seeds}
     print(f'B={batch_size}: {steps} steps x {len(study.seeds)} seeds, data ready in '

@@ -1,4 +1,4 @@
-"""Activation gammas: `compute_gamma` next to the official constants (NFNets code, base.py).
+"""Activation gammas: `nfnets.analysis.gamma.compute_gamma` next to the official constants (NFNets code, base.py).
 
 gamma = 1 / std(f(x)) for x ~ N(0, 1) makes f(x) * gamma unit-variance, which is what keeps an
 NF network's signal at unit scale. The official literals are finite-sample estimates; this
@@ -18,7 +18,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from nfnets import activations
+from nfnets.analysis import gamma
+from nfnets.models import activations
 from reproduce import outputs
 
 # Closed forms where they are short: relu(x) has E = 1/sqrt(2 pi), E[x^2] = 1/2.
@@ -29,9 +30,9 @@ def gamma_rows(num_samples: int = 2**20) -> list[dict[str, Any]]:
   """One row per official activation: computed gamma, official literal and their difference."""
   rows = []
   for name, official in activations.GAMMAS.items():
-    computed = activations.compute_gamma(
+    computed = gamma.compute_gamma(
         activations.BASE_FUNCTIONS[name], num_samples=num_samples,
-        axis_size=activations.AXIS_SIZES.get(name, 1))
+        axis_size=gamma.AXIS_SIZES.get(name, 1))
     rows.append({'activation': name, 'computed': computed, 'official': official,
                  'difference': computed - official,
                  'relative_difference': (computed - official) / official,
@@ -50,7 +51,7 @@ def markdown(rows: Sequence[dict[str, Any]], note: str) -> str:
   worst = max(rows, key=lambda r: abs(r['relative_difference']))
   return (f'{note}\n\n{body}\nLargest relative difference: {worst["activation"]} '
           f'({100 * worst["relative_difference"]:+.3f}%). glu uses pairs of N(0,1) inputs '
-          f'(axis 2), log_softmax an axis of {activations.AXIS_SIZES["log_softmax"]}.\n')
+          f'(axis 2), log_softmax an axis of {gamma.AXIS_SIZES["log_softmax"]}.\n')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:

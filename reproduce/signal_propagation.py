@@ -29,10 +29,10 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from nfnets import models
-from nfnets import signal_propagation as sp
-from nfnets.nfnet import VARIANTS as NFNET_VARIANTS
-from nfnets.resnet import RESNET_VARIANTS
+from nfnets.models import registry as models
+from nfnets.analysis import signal_propagation as sp
+from nfnets.models.nfnet import VARIANTS as NFNET_VARIANTS
+from nfnets.models.variants import RESNET_VARIANTS
 from reproduce import outputs
 
 ALPHA = 0.2

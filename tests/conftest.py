@@ -42,6 +42,49 @@ def pytest_ignore_collect(collection_path, config):
   return None if named else True
 
 
+def photo(name: str):
+  """A real photograph shipped inside an installed wheel, as uint8 RGB [H, W, 3].
+
+  'grace_hopper' (matplotlib's sample data), 'china' and 'flower' (scikit-learn's).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if name == "grace_hopper":
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    path = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+  else:
+    import sklearn  # pylint: disable=g-import-not-at-top
+    path = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images", f"{name}.jpg")
+  with Image.open(path) as image:
+    return np.asarray(image.convert("RGB"))
+
+
+PHOTOS = ("grace_hopper", "china", "flower")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+  """An image-folder data set of real photographs: 3 classes x (8 train + 4 test) JPEG crops.
+
+  Class c holds crops of photograph c at seeded random places, 48x40 px, so the set is
+  learnable and every image is distinct.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp() / "tiny_folder"
+  rng = np.random.default_rng(0)
+  for c, name in enumerate(PHOTOS):
+    image = photo(name)
+    for split, count in (("train", 8), ("test", 4)):
+      (root / split / name).mkdir(parents=True, exist_ok=True)
+      for k in range(count):
+        y = rng.integers(0, image.shape[0] - 200)
+        x = rng.integers(0, image.shape[1] - 240)
+        crop = Image.fromarray(image[y:y + 200, x:x + 240]).resize((48, 40), Image.BILINEAR)
+        crop.save(root / split / name / f"{k}.jpg", quality=90)
+  return str(root)
+
+
 @pytest.fixture(scope="session")
 def tiny_imagenet(tmp_path_factory):
   """(manual_dir, data_dir): a 3-class ImageNet (12 train, 6 validation JPEGs) in the official

@@ -1,12 +1,14 @@
-"""Input pipeline: TFDS (array_record) and image-folder data, deterministic and resumable.
+"""The host input pipeline: TFDS (array_record) and image folders, deterministic and resumable.
 
-Importing this package imports TensorFlow and hides every GPU from it (the
-pipeline runs on the host CPU; JAX owns the accelerators). `nfnets/__init__.py`
-never imports it, so model code stays free of TensorFlow.
+  options.py        DataOptions (every `config.data` key and its default), the RandAugment level
+  datasets.py       the entry points: dataset_info, train_iterator, eval_iterator
+  pipeline.py       tf.data iterators (TensorFlow is imported here, and hides the GPUs from it)
+  preprocessing.py  decode, crop, flip, resize (TF stateless ops); eval protocols
+  sources.py        random-access sources: TFDS array_record, folders; ImageNet split aliases
+  folder.py  mnist5k.py  prepare_imagenet.py   the folder index, the offline digits, ImageNet
+  synthetic.py      data.name='fake' (numpy only)
+  normalization.py  the ImageNet mean/std, shared with the device-side augmentation
+
+Importing `nfnets.data` itself is cheap: TensorFlow is loaded only when a real (non-'fake')
+data set is opened. MixUp/CutMix and RandAugment run on the accelerator (`nfnets.augment`).
 """
-
-from nfnets.data.pipeline import build_eval_iterator
-from nfnets.data.pipeline import build_train_iterator
-from nfnets.data.pipeline import dataset_info
-
-__all__ = ["build_train_iterator", "build_eval_iterator", "dataset_info"]

@@ -1,30 +1,39 @@
 """Deterministic, resumable train/eval iterators (tf.data on random-access sources).
 
 Design: a random-access source (sources.py) + an index sampler in numpy + tf.data
-preprocessing with STATELESS random ops. Batch k of host h depends only on
-(seed, k, h):
-  * host h owns the contiguous slice np.array_split(arange(N), host_count)[h];
-  * the host's example stream is epoch after epoch of that slice, each epoch in
-    the order np.random.default_rng([seed, epoch]).permutation(len(slice));
-  * batch k consumes stream positions [k * M, (k + 1) * M), M = per-host batch
-    times 2 when MixUp/CutMix is on (each output mixes two inputs);
-  * every random op is keyed by (seed, purpose, host, position): crop/flip by
-    the input position, the mix by k, RandAugment by the output position.
-So `start_step=k` computes batch k directly, without replaying any data, and a
-resumed run sees exactly the batches an uninterrupted run would have.
+preprocessing with STATELESS random ops. The global batch of step k depends only on
+(seed, k), whatever the number of hosts:
+  * the example stream is epoch after epoch of the whole split, each epoch in the order
+    np.random.default_rng([seed, epoch]).permutation(N);
+  * step k consumes stream positions [k * M, (k + 1) * M), M = global batch times
+    `inputs_per_example` (2 for the paper's MixUp/CutMix: each output mixes two decoded
+    inputs); host h decodes its contiguous share of them (rows for its devices only);
+  * the crop and flip of the input at position p are keyed by (seed, p).
+So `start_step=k` computes batch k directly, without replaying any data, a resumed run sees
+exactly the batches an uninterrupted run would have, and 2 hosts x 1 device train on the same
+batches as 1 host x 2 devices. (The official pipeline gave each host a fixed slice of the
+examples; here each host reads its share of a global order, which needs random access, and
+the same total number of reads.)
+
+The host's share of the work stops at decode + crop + flip + resize: training batches are
+uint8 crops, and MixUp/CutMix, RandAugment and normalisation run on the accelerator inside the
+train step (`nfnets.augment`), keyed by the step. The bicubic output is rounded and clipped to
+[0, 255] here; the official pipeline kept it unclipped float until RandAugment clipped it
+(after mixing), so pixels differ by at most half a grey level, except where the bicubic kernel
+overshoots at edges. Shipping uint8 also cuts the host-to-device bytes by 4.
 
 Output batches are numpy dicts shaped [local_devices, per_device, ...].
 """
 
 import math
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import tensorflow as tf
 
-from nfnets.data import mixing
 from nfnets.data import preprocessing
 from nfnets.data import sources
+from nfnets.data.options import DataOptions, DatasetInfo
 
 try:
   # The pipeline runs on the host CPU; TF must not grab GPU memory JAX needs.
@@ -32,30 +41,15 @@ try:
 except RuntimeError:  # TF already initialised its devices: nothing to change.
   pass
 
-# Purpose tags, so that crop, mix and RandAugment never share a random stream.
-_CROP, _MIX, _RANDAUGMENT = 0, 1, 2
-# The host index sits above 2**40 stream positions (10^12 examples).
-_HOST_SHIFT = 40
+# Purpose tag of the crop/flip stream (others would take other tags).
+_CROP = 0
 
 
-def _get(config: Any, key: str, default: Any = None) -> Any:
-  value = config.get(key, default)
-  return default if value is None else value
-
-
-def _seed(config: Any) -> int:
-  seed = int(_get(config, "seed", 0))
-  if not 0 <= seed < 2**31:
-    raise ValueError(f"data.seed must be in [0, 2**31), got {seed}.")
-  return seed
-
-
-def example_seeds(seed: int, purpose: int, host: int,
-                  positions: np.ndarray) -> np.ndarray:
-  """int64 [len(positions), 2] stateless seeds, unique per (purpose, host, pos)."""
+def example_seeds(seed: int, purpose: int, positions: np.ndarray) -> np.ndarray:
+  """int64 [len(positions), 2] stateless seeds, unique per (purpose, stream position)."""
   positions = np.asarray(positions, np.int64)
   first = np.full_like(positions, seed * 4 + purpose)
-  return np.stack([first, (np.int64(host) << _HOST_SHIFT) + positions], axis=-1)
+  return np.stack([first, positions], axis=-1)
 
 
 def host_slice(num_examples: int, host_index: int, host_count: int) -> tuple[int, int]:
@@ -70,17 +64,8 @@ def host_slice(num_examples: int, host_index: int, host_count: int) -> tuple[int
   return int(bounds[host_index]), int(bounds[host_index + 1])
 
 
-def _image_size(config: Any, key: str, fallback: Optional[str] = None) -> int:
-  value = config.get(key)
-  if value is None and fallback:
-    value = config.get(fallback)
-  if value is None or int(value) <= 0:
-    raise ValueError(f"data.{key} must be a positive int (pixels), got {value!r}.")
-  return int(value)
-
-
-def _per_host_batch(global_batch_size: int, host_count: int,
-                    local_device_count: int) -> int:
+def per_host_batch(global_batch_size: int, host_count: int, local_device_count: int) -> int:
+  """Examples per host, checking the batch splits evenly over every device."""
   if global_batch_size % (host_count * local_device_count):
     raise ValueError(
         f"global_batch_size={global_batch_size} must be divisible by "
@@ -88,11 +73,11 @@ def _per_host_batch(global_batch_size: int, host_count: int,
   return global_batch_size // host_count
 
 
-def _check_classes(config: Any, source: sources.Source) -> None:
-  expected = config.get("num_classes")
-  if expected is not None and int(expected) != source.num_classes:
-    raise ValueError(f"data.num_classes={expected} but {config.get('name')!r} "
-                     f"has {source.num_classes} classes: fix the config.")
+def _check_classes(options: DataOptions, source: sources.Source) -> None:
+  if options.num_classes is not None and options.num_classes != source.num_classes:
+    raise ValueError(f"data.num_classes={options.num_classes} but {options.name!r} "
+                     f"has {source.num_classes} classes: fix the config (None takes the data "
+                     "set's).")
 
 
 def _read_or_none(source: sources.Source, indices: np.ndarray):
@@ -137,16 +122,19 @@ class IndexSampler:
     return out
 
 
-def build_train_iterator(data_config: Any, *, global_batch_size: int,
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """Rounds and clips a float 0..255 image to uint8 (what the host ships for training)."""
+  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def build_train_iterator(options: DataOptions, *, global_batch_size: int,
                          host_index: int, host_count: int,
                          local_device_count: int,
                          start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Endless training batches, batch k a pure function of (seed, k, host).
+  """Endless training batches of uint8 crops, batch k a pure function of (seed, k, host).
 
   Args:
-    data_config: `config.data` (name, data_dir, folder, train_split,
-      image_size, train_preproc, random_flip, randaugment, mixup_alpha,
-      cutmix, num_classes, seed).
+    options: `config.data`.
     global_batch_size: examples per step over all hosts.
     host_index: this host (jax.process_index()).
     host_count: number of hosts (jax.process_count()).
@@ -154,102 +142,57 @@ def build_train_iterator(data_config: Any, *, global_batch_size: int,
     start_step: first step to produce (resume point).
 
   Returns:
-    Iterator of {'images' f32 [D, B, S, S, C] normalised, 'labels' i32 [D, B]}
-    plus, when mixing, 'mix_labels' i32 [D, B] and 'mix_ratio' f32 [D, B].
+    Iterator of {'images' uint8 [D, B * n, S, S, C], 'labels' int32 [D, B * n]}, B the
+    per-device batch and n = options.inputs_per_example (2 when the paper's MixUp/CutMix
+    mixes two decoded inputs per example; the device splits its 2B inputs into the pairs).
   """
-  batch = _per_host_batch(global_batch_size, host_count, local_device_count)
-  seed = _seed(data_config)
-  size = _image_size(data_config, "image_size")
-  method = _get(data_config, "train_preproc", "inception_crop")
-  preprocessing.check_preproc_names(
-      method, _get(data_config, "eval_preproc", "resize_crop_32"))
-  flip = bool(_get(data_config, "random_flip", True))
-  mixup_alpha = float(_get(data_config, "mixup_alpha", 0.0))
-  cutmix = bool(_get(data_config, "cutmix", False))
-  mixes = mixup_alpha > 0 or cutmix
-  randaugment = mixing.parse_randaugment(data_config.get("randaugment"))
-  randaugment_fn = mixing.load_randaugment() if randaugment else None
+  batch = per_host_batch(global_batch_size, host_count, local_device_count)
+  size = options.image_size
+  preprocessing.check_preproc_names(options.train_preproc, options.eval_preproc)
+  if not 0 <= host_index < host_count:
+    raise ValueError(f"host_index must be in [0, {host_count}), got {host_index}.")
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
-
-  source = sources.open_source(data_config, _get(data_config, "train_split", "train"))
-  _check_classes(data_config, source)
+  source = sources.open_source(options, options.train_split)
+  _check_classes(options, source)
   channels = source.channels
-  start, end = host_slice(len(source), host_index, host_count)
-  sampler = IndexSampler(start, end - start, seed)
-  inputs = batch * (2 if mixes else 1)
-  host_base = host_index << _HOST_SHIFT
+  sampler = IndexSampler(0, len(source), options.seed)
+  inputs = batch * options.inputs_per_example
+  global_inputs = inputs * host_count
 
   def records():
     step = start_step
     while True:
-      positions = np.arange(step * inputs, (step + 1) * inputs, dtype=np.int64)
+      first = step * global_inputs + host_index * inputs
+      positions = np.arange(first, first + inputs, dtype=np.int64)
       images, labels = _read_or_none(source, sampler.indices(positions))
       if images is None:
         return
       yield {"image": np.asarray(images, dtype=object), "label": labels,
-             "seed": example_seeds(seed, _CROP, host_index, positions),
-             "step": np.full([inputs], step, np.int64)}
+             "seed": example_seeds(options.seed, _CROP, positions)}
       step += 1
 
   signature = {"image": tf.TensorSpec([inputs], tf.string),
                "label": tf.TensorSpec([inputs], tf.int64),
-               "seed": tf.TensorSpec([inputs, 2], tf.int64),
-               "step": tf.TensorSpec([inputs], tf.int64)}
+               "seed": tf.TensorSpec([inputs, 2], tf.int64)}
 
   def decode(example):
     image = preprocessing.preprocess_train(
-        example["image"], example["seed"], method=method, size=size,
-        channels=channels, flip=flip)
-    return {"images": image, "labels": tf.cast(example["label"], tf.int32),
-            "step": example["step"]}
+        example["image"], example["seed"], method=options.train_preproc, size=size,
+        channels=channels, flip=options.random_flip)
+    return {"images": to_uint8(image), "labels": tf.cast(example["label"], tf.int32)}
 
-  def mix(examples):
-    step = examples["step"][0]
-    mix_seed = tf.stack([tf.constant(seed * 4 + _MIX, tf.int64),
-                         tf.constant(host_base, tf.int64) + step])
-    out = mixing.mix_batch(examples["images"], examples["labels"], mix_seed,
-                           mixup_alpha=mixup_alpha, cutmix=cutmix)
-    out["step"] = examples["step"][:batch]
-    return out
-
-  def augment(example):
-    # The output position step * batch + i keys RandAugment, one stream each.
-    example = dict(example)
-    position = example.pop("position")
-    ra_seed = tf.stack([tf.constant(seed * 4 + _RANDAUGMENT, tf.int64),
-                        tf.constant(host_base, tf.int64) + position])
-    example["images"] = mixing.apply_randaugment(
-        example["images"], ra_seed, *randaugment, randaugment_fn=randaugment_fn)
-    return example
-
-  def add_positions(examples):
-    examples = dict(examples)
-    examples["position"] = examples.pop("step") * batch + tf.range(batch, dtype=tf.int64)
-    return examples
-
-  def finish(examples):
-    examples = dict(examples)
-    examples.pop("step", None)
-    examples["images"] = preprocessing.normalize(examples["images"], channels)
-    return {k: tf.reshape(v, [local_device_count, batch // local_device_count] +
+  def per_device(examples):
+    return {k: tf.reshape(v, [local_device_count, inputs // local_device_count] +
                           v.shape[1:].as_list()) for k, v in examples.items()}
 
-  parallel = tf.data.AUTOTUNE
   ds = tf.data.Dataset.from_generator(records, output_signature=signature)
-  ds = ds.unbatch().map(decode, num_parallel_calls=parallel, deterministic=True)
-  ds = ds.batch(inputs, drop_remainder=True)
-  if mixes:
-    ds = ds.map(mix, num_parallel_calls=parallel, deterministic=True)
-  if randaugment:
-    ds = ds.map(add_positions).unbatch()
-    ds = ds.map(augment, num_parallel_calls=parallel, deterministic=True)
-    ds = ds.batch(batch, drop_remainder=True)
-  ds = ds.map(finish, num_parallel_calls=parallel, deterministic=True)
+  ds = ds.unbatch().map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(inputs, drop_remainder=True).map(per_device)
   return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
-def build_eval_iterator(data_config: Any, *, split: Optional[str] = None,
+def build_eval_iterator(options: DataOptions, *, split: Optional[str] = None,
                         global_batch_size: int, host_index: int,
                         host_count: int,
                         local_device_count: int) -> Iterator[dict[str, np.ndarray]]:
@@ -259,25 +202,23 @@ def build_eval_iterator(data_config: Any, *, split: Optional[str] = None,
   yields the same number of batches, so collective eval steps stay in sync.
 
   Args:
-    data_config: `config.data` (eval_split, eval_image_size, eval_preproc ...).
-    split: split to read; default `data_config.eval_split` (or 'test').
+    options: `config.data` (eval_split, eval_image_size, eval_preproc ...).
+    split: split to read; default `options.eval_split`.
     global_batch_size: examples per eval step over all hosts.
     host_index: this host.
     host_count: number of hosts.
     local_device_count: devices on this host.
 
   Returns:
-    Iterator of {'images' f32 [D, B, S, S, C], 'labels' i32 [D, B],
+    Iterator of {'images' f32 [D, B, S, S, C] normalised, 'labels' i32 [D, B],
     'mask' f32 [D, B]}.
   """
-  batch = _per_host_batch(global_batch_size, host_count, local_device_count)
-  split = split or _get(data_config, "eval_split", "test")
-  size = _image_size(data_config, "eval_image_size", "image_size")
-  method = _get(data_config, "eval_preproc", "resize_crop_32")
-  preprocessing.check_preproc_names(
-      _get(data_config, "train_preproc", "inception_crop"), method)
-  source = sources.open_source(data_config, split)
-  _check_classes(data_config, source)
+  batch = per_host_batch(global_batch_size, host_count, local_device_count)
+  split = split or options.eval_split
+  size = options.eval_image_size
+  preprocessing.check_preproc_names(options.train_preproc, options.eval_preproc)
+  source = sources.open_source(options, split)
+  _check_classes(options, source)
   channels = source.channels
   start, end = host_slice(len(source), host_index, host_count)
   # The first host's slice is the largest (array_split), so all hosts run
@@ -299,7 +240,7 @@ def build_eval_iterator(data_config: Any, *, split: Optional[str] = None,
                "mask": tf.TensorSpec([batch], tf.float32)}
 
   def decode(example):
-    image = preprocessing.preprocess_eval(example["image"], method=method,
+    image = preprocessing.preprocess_eval(example["image"], method=options.eval_preproc,
                                           size=size, channels=channels)
     return {"images": image, "labels": tf.cast(example["label"], tf.int32),
             "mask": example["mask"]}
@@ -315,9 +256,11 @@ def build_eval_iterator(data_config: Any, *, split: Optional[str] = None,
   return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
-def dataset_info(data_config: Any) -> tuple[int, int, int]:
-  """(num_train_examples, num_eval_examples, num_classes) of the configured splits."""
-  train = sources.open_source(data_config, _get(data_config, "train_split", "train"))
-  evaluation = sources.open_source(data_config, _get(data_config, "eval_split", "test"))
-  _check_classes(data_config, train)
-  return len(train), len(evaluation), train.num_classes
+def dataset_info(options: DataOptions) -> DatasetInfo:
+  """Sizes, class count and class names of the configured splits."""
+  train = sources.open_source(options, options.train_split)
+  evaluation = sources.open_source(options, options.eval_split)
+  _check_classes(options, train)
+  return DatasetInfo(num_train=len(train), num_eval=len(evaluation),
+                     num_classes=train.num_classes, channels=train.channels,
+                     class_names=tuple(train.class_names) if train.class_names else None)

@@ -25,30 +25,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-TRAIN_TAR = "ILSVRC2012_img_train.tar"
-VAL_TAR = "ILSVRC2012_img_val.tar"
-IMAGENET_NAME = "imagenet2012"
-
-
-def disable_downloads() -> None:
-  """Makes any accidental tfds download fail in ~0.5 s instead of ~200 s.
-
-  Our machines reach no data host; tfds would otherwise retry 10 times with
-  backoff before giving up.
-  """
-  # The module must be imported explicitly: it is not an attribute of
-  # tfds.core.download.
-  from tensorflow_datasets.core.download import downloader  # pylint: disable=g-import-not-at-top
-  downloader.MAX_RETRIES = 0
-
-
-def missing_tars_message(manual_dir: Optional[str], data_dir: Optional[str]) -> str:
-  """One-line instructions for preparing ImageNet, used in every error."""
-  return (
-      f"imagenet2012 is not prepared in data_dir={data_dir!r}: put {TRAIN_TAR} "
-      f"and {VAL_TAR} in a manual dir (got {manual_dir!r}) and run `python -m "
-      "nfnets.data.prepare_imagenet --manual_dir=<tars dir> "
-      f"--data_dir={data_dir or '<data dir>'}`.")
+from nfnets.data.sources import (IMAGENET_NAME, TRAIN_TAR, VAL_TAR, disable_downloads,
+                                 missing_tars_message)
 
 
 def prepare_imagenet(manual_dir: str, data_dir: str) -> "object":

@@ -18,26 +18,17 @@ from typing import Callable
 
 import tensorflow as tf
 
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+from nfnets.data import normalization
+
 # Eval-style crops keep S/(S+32) of the shorter side (official `crop_padding`).
 CROP_PADDING = 32
 
 WindowFn = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]]
 
 
-def mean_std(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """ImageNet mean/std on the 0..255 scale; their averages for grayscale."""
-  if channels == 3:
-    return MEAN_RGB, STDDEV_RGB
-  if channels == 1:
-    return (sum(MEAN_RGB) / 3,), (sum(STDDEV_RGB) / 3,)
-  raise ValueError(f"Images must have 1 or 3 channels, got {channels}.")
-
-
 def normalize(image: tf.Tensor, channels: int) -> tf.Tensor:
-  """(x - mean) / std per channel, on the 0..255 scale."""
-  mean, std = mean_std(channels)
+  """(x - mean) / std per channel, on the 0..255 scale (nfnets.data.normalization)."""
+  mean, std = normalization.mean_std(channels)
   return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 

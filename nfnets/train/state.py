@@ -1,0 +1,221 @@
+"""The training state: one pytree holding everything a step changes, and its device layout.
+
+`TrainState` is what a checkpoint saves and what the pmapped step donates and returns. Its
+field order is part of the checkpoint format (leaf paths are stored with each checkpoint), so
+new fields go at the end, if ever.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS_NAME = 'batch'
+_INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
+PyTree = Any
+
+
+class TrainState(NamedTuple):
+  """Everything that changes during training; a pytree, so it can be pmapped and saved.
+
+  Attributes:
+    step: int32 scalar, steps taken so far: the data position (batch `step` comes next).
+      The schedule and EMA index is `applied_updates(opt_state)`, which stays behind after a
+      skipped non-finite step.
+    params: float32 Haiku params.
+    state: Haiku state (float32 where floating).
+    opt_state: optax state of `optimizer`.
+    ema_params: exponential moving average of `params`.
+    ema_state: exponential moving average of `state`.
+    rng: raw uint32 PRNG key; the per-step key is fold_in(fold_in(rng, step), device).
+  """
+  step: jax.Array
+  params: hk.Params
+  state: hk.State
+  opt_state: optax.OptState
+  ema_params: hk.Params
+  ema_state: hk.State
+  rng: jax.Array
+
+
+def raw_key(rng: Any) -> jax.Array:
+  """Returns a raw uint32 key: typed keys do not survive numpy round trips (checkpoints)."""
+  if isinstance(rng, (int, np.integer)):
+    return jax.random.PRNGKey(int(rng))
+  rng = jnp.asarray(rng)
+  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(rng)
+  if rng.dtype != jnp.uint32:
+    raise ValueError(f'rng must be an int seed or a PRNG key, got dtype {rng.dtype}.')
+  return rng
+
+
+def is_float(x: Any) -> bool:
+  return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def cast_floats(tree: PyTree, dtype: Any) -> PyTree:
+  """Casts floating leaves only: integer state (e.g. counters) must keep its dtype."""
+  return jax.tree.map(lambda x: x.astype(dtype) if is_float(x) else x, tree)
+
+
+def init_train_state(forward: hk.TransformedWithState,
+                     optimizer: optax.GradientTransformation,
+                     rng: Any,
+                     image_shape: Sequence[int]) -> TrainState:
+  """Initialises params, state, optimizer state and EMA copies on the host's default device.
+
+  Args:
+    forward: transformed model; `forward.init(rng, images, is_training=True)`.
+    optimizer: the optax transformation used by the train step.
+    rng: int seed or PRNG key; split into an init key and the per-run base key.
+    image_shape: (H, W, C) or (B, H, W, C) of one example / batch (only shapes matter).
+
+  Returns:
+    An unreplicated TrainState with step 0; pass it through `replicate` for the train step.
+  """
+  shape = tuple(int(d) for d in image_shape)
+  if len(shape) == 3:
+    shape = (1,) + shape
+  if len(shape) != 4:
+    raise ValueError(f'image_shape must be (H, W, C) or (B, H, W, C), got {image_shape}.')
+  init_rng, base_rng = jax.random.split(raw_key(rng))
+  # jit so big models are initialised by one compiled program, not op by op.
+  images = jnp.zeros(shape, jnp.float32)
+  lowered = jax.jit(lambda r, x: forward.init(r, x, is_training=True)).lower(init_rng, images)
+  # Init runs once and takes milliseconds, but its program holds one random-number kernel per
+  # parameter, which XLA:CPU's LLVM backend spends a long time optimising (demo NFNet: 23 s at
+  # the default level, 10 s at level 0, on the 2-core CI machine). Accelerators keep defaults.
+  options = _INIT_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None
+  params, state = lowered.compile(compiler_options=options)(init_rng, images)
+  params, state = cast_floats(params, jnp.float32), cast_floats(state, jnp.float32)
+  opt_state = jax.jit(optimizer.init)(params)
+  # Separate buffers for the EMA copies: the train step donates the whole state.
+  return TrainState(step=jnp.zeros([], jnp.int32), params=params, state=state,
+                    opt_state=opt_state, ema_params=jax.tree.map(jnp.copy, params),
+                    ema_state=jax.tree.map(jnp.copy, state), rng=base_rng)
+
+
+def abstract_train_state(forward: hk.TransformedWithState,
+                         optimizer: optax.GradientTransformation,
+                         image_shape: Sequence[int]) -> TrainState:
+  """The TrainState's shapes and dtypes (jax.ShapeDtypeStruct leaves), computing nothing."""
+  def build():
+    rng = jax.random.PRNGKey(0)
+    params, state = forward.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32),
+                                 is_training=True)
+    params, state = cast_floats(params, jnp.float32), cast_floats(state, jnp.float32)
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, state=state,
+                      opt_state=optimizer.init(params), ema_params=params, ema_state=state,
+                      rng=jax.random.key_data(jax.random.key(0)))
+  return jax.eval_shape(build)
+
+
+def replicate(tree: PyTree, devices: Optional[Sequence[jax.Device]] = None) -> PyTree:
+  """Puts one copy of every leaf on each device, laid out as a pmap input [D, ...].
+
+  The NamedSharding over a 1-D mesh named 'batch' is exactly what `jax.pmap` returns, so
+  feeding the result to a pmapped step causes no resharding.
+
+  Args:
+    tree: host-local pytree of arrays.
+    devices: the devices of the pmap; default `jax.local_devices()`.
+  """
+  devices = list(jax.local_devices() if devices is None else devices)
+  sharding = NamedSharding(Mesh(np.array(devices), (AXIS_NAME,)), PartitionSpec(AXIS_NAME))
+
+  def put(x):
+    x = np.asarray(x)
+    # broadcast_to is a view: the host never holds D copies, device_put slices it per device.
+    return jax.device_put(np.broadcast_to(x, (len(devices),) + x.shape), sharding)
+
+  return jax.tree.map(put, tree)
+
+
+def shard(tree: PyTree, devices: Optional[Sequence[jax.Device]] = None) -> PyTree:
+  """Sends a host batch laid out [D, ...] to the devices, row d to device d (asynchronously).
+
+  The same layout as `replicate` and a pmap output, so the step reads it without resharding.
+  Called one batch ahead of the step that consumes it, the copy overlaps the running step.
+
+  Args:
+    tree: host pytree whose leaves have a leading axis of len(devices).
+    devices: the devices of the pmap; default `jax.local_devices()`.
+  """
+  devices = list(jax.local_devices() if devices is None else devices)
+  sharding = NamedSharding(Mesh(np.array(devices), (AXIS_NAME,)), PartitionSpec(AXIS_NAME))
+  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+
+def unreplicate(tree: PyTree) -> PyTree:
+  """Host (numpy) copy of the first local device's replica (replicas agree after a synced step).
+
+  Reads the first shard's buffer directly and copies it: `x[0]` on a device array would compile
+  one tiny program per leaf shape in every (re)started process (seconds of start-up on a small
+  CPU), and the copy stays valid after the replicated input is donated to the next step.
+
+  Args:
+    tree: replicated pytree (leading device axis) of device or host arrays.
+  """
+  def first(x):
+    if isinstance(x, jax.Array):
+      return np.array(x.addressable_shards[0].data)[0]
+    return np.array(x)[0]
+
+  return jax.tree.map(first, tree)
+
+
+def applied_updates(opt_state: Any, default: jax.Array) -> jax.Array:
+  """How many updates the optimizer has applied: its learning-rate schedule's own counter.
+
+  It differs from `TrainState.step` (the data position) after a skipped non-finite step,
+  which moves on to the next batch but applies nothing. The schedule and the EMA index are
+  this count, so the logged learning rate is the one the update used.
+
+  Args:
+    opt_state: an optax state holding one `ScaleByScheduleState` (every optimizer built by
+      `nfnets.train.optim`).
+    default: returned when there is no schedule counter (a constant-lr optimizer).
+  """
+  def is_schedule(path: Any, _: Any) -> bool:
+    return any(getattr(k, 'tuple_name', None) == 'ScaleByScheduleState' for k in path)
+  count = optax.tree_utils.tree_get(opt_state, 'count', default=None, filtering=is_schedule)
+  return default if count is None else jnp.asarray(count, jnp.int32)
+
+
+_UPSTREAM_FIRST = ('loss', 'grads', 'params')
+
+
+def first_nonfinite(tree: PyTree) -> Optional[str]:
+  """Names the first leaf holding a NaN or Inf, e.g. 'loss' or 'grads/linear/w'.
+
+  Top-level mapping keys are visited upstream first: 'loss', then 'grads', then 'params',
+  then the rest in the mapping's order (pmap outputs come back with sorted keys, so
+  insertion order cannot carry this); below that, pytree order.
+
+  Args:
+    tree: a metrics dict or any pytree of (host or device) arrays.
+
+  Returns:
+    The '/'-joined path of the first non-finite floating leaf, or None if all are finite.
+  """
+  if isinstance(tree, Mapping):
+    rank = {name: i for i, name in enumerate(_UPSTREAM_FIRST)}
+    items = sorted(tree.items(), key=lambda kv: rank.get(kv[0], len(rank)))  # stable
+  else:
+    items = [(None, tree)]
+  for name, sub in items:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(sub)[0]:
+      arr = np.asarray(leaf)
+      if not jnp.issubdtype(arr.dtype, jnp.inexact):
+        continue
+      if not np.all(np.isfinite(arr.astype(np.float32))):
+        parts = ([] if name is None else [str(name)]) + (
+            [jax.tree_util.keystr(path, simple=True, separator='/')] if path else [])
+        return '/'.join(parts)
+  return None

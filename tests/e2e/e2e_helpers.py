@@ -1,0 +1,238 @@
+"""Helpers for end-to-end runs of experiment.py in subprocesses (reliability tests, bench).
+
+Not a test module. All runs built by `train_cmd` share one config, so they share one
+compiled train step through the persistent compilation cache set up by `subprocess_env`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS = 16
+# A tiny NFNet (fake_data's widths 16/32/64/64) at 16 px, 8 examples per device on 2
+# devices, a checkpoint every step, 2 kept, on synthetic data.
+TINY = ["--config.data.image_size=16", "--config.data.eval_image_size=16",
+        "--config.train.batch_size=16", "--config.eval.batch_size=16",
+        "--config.data.fake_num_eval=32", "--config.train.log_every_steps=1",
+        "--config.optimizer.lr=2.0", "--config.tensorboard=False",
+        f"--config.train.num_steps={STEPS}", "--config.checkpoint.every_steps=1",
+        "--config.checkpoint.every_seconds=0", "--config.checkpoint.keep=2"]
+
+
+def random_recipe(folder: str) -> list[str]:
+  """TINY with every source of randomness of the paper's recipe switched on.
+
+  Real photographs through the real tf.data pipeline (inception crop + flip), MixUp + CutMix
+  per example ('paper': two decoded inputs each), RandAugment (2 layers, magnitude 5) on the
+  device, dropout 0.2, stochastic depth 0.2 and bfloat16 compute.
+  """
+  return TINY + [
+      "--config.data.name=folder", f"--config.data.folder={folder}",
+      "--config.data.num_classes=3", "--config.data.train_preproc=inception_crop",
+      "--config.data.eval_preproc=resize_crop_32", "--config.data.randaugment=205",
+      "--config.data.mixup_alpha=0.2", "--config.data.cutmix=True",
+      "--config.model.kwargs.drop_rate=0.2", "--config.model.kwargs.stochdepth_rate=0.2",
+      "--config.train.bfloat16=True", "--config.eval.batch_size=12"]
+
+
+def shared_cache_dir(tmp_path_factory) -> str:
+  """One compilation cache for every end-to-end test module of the pytest session.
+
+  $NFNETS_TEST_JAX_CACHE, when set, names a cache kept across sessions (faster reruns).
+  """
+  if os.environ.get("NFNETS_TEST_JAX_CACHE"):
+    os.makedirs(os.environ["NFNETS_TEST_JAX_CACHE"], exist_ok=True)
+    return os.environ["NFNETS_TEST_JAX_CACHE"]
+  path = tmp_path_factory.getbasetemp() / "shared_jax_cache"
+  path.mkdir(exist_ok=True)
+  return str(path)
+
+
+def subprocess_env(tmp_path_factory, devices: int) -> dict:
+  """Environment of a child experiment.py: `devices` CPU devices, the shared cache."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                      "--xla_backend_optimization_level=0")
+  env["NFNETS_COMPILATION_CACHE"] = shared_cache_dir(tmp_path_factory)
+  env["CUDA_VISIBLE_DEVICES"] = ""
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONUNBUFFERED"] = "1"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  return env
+
+
+def train_cmd(workdir, *extra: str, folder: Optional[str] = None) -> list[str]:
+  """experiment.py on TINY (synthetic data), or on `random_recipe(folder)` when given."""
+  recipe = random_recipe(folder) if folder else TINY
+  return [sys.executable, "experiment.py", "--config=configs/fake_data.py",
+          f"--workdir={workdir}", "--mode=train", *recipe, *extra]
+
+
+def records(workdir, split: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = f.read().splitlines()
+  out = []
+  for line in lines:
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError:  # A line cut short by SIGKILL.
+      continue
+  return [r for r in out if r.get("split") == split]
+
+
+def last_train_step(workdir) -> int:
+  return max((r["step"] for r in records(workdir, "train")), default=0)
+
+
+def latest_checkpoint(workdir) -> int:
+  """Newest finished checkpoint step on disk (orbax's temporary directories excluded)."""
+  root = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(root):
+    return 0
+  return max((int(n) for n in os.listdir(root) if n.isdigit()), default=0)
+
+
+def _manager(workdir):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  # orbax warns on every read-only manager that it adjusted two options: noise here.
+  logging.getLogger("absl").setLevel(logging.ERROR)
+  return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "meta"),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def read_checkpoint(workdir, step: int) -> dict[str, np.ndarray]:
+  """All leaves of checkpoint `step` as numpy arrays, keyed in train-state order."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager = _manager(workdir)
+  try:
+    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  finally:
+    manager.close()
+  return {k: np.asarray(v) for k, v in out["state"].items()}
+
+
+def checkpoint_paths(workdir, step: int) -> list[str]:
+  """The train-state paths ('.params[...]', '.opt_state...') of the leaves, in key order."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager = _manager(workdir)
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  finally:
+    manager.close()
+  return list(meta["paths"])
+
+
+def assert_bit_identical(got: dict, want: dict, context: str = "") -> None:
+  assert sorted(got) == sorted(want), context
+  for k in want:
+    assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, (k, context)
+    # Bytes, not values: NaN payloads and -0.0 count too.
+    assert got[k].tobytes() == want[k].tobytes(), f"leaf {k} differs; {context}"
+
+
+def truncate_checkpoint(workdir, step: int) -> str:
+  """Empties the array files of checkpoint `step` (a crashed disk); returns its path."""
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+  count = 0
+  for root, _, files in os.walk(os.path.join(path, "state")):
+    for name in files:
+      if "metadata" not in name:
+        with open(os.path.join(root, name), "r+b") as f:
+          f.truncate(0)
+        count += 1
+  assert count, f"no array files under {path}"
+  return path
+
+
+@dataclasses.dataclass
+class Interrupted:
+  returncode: Optional[int]
+  output: str
+  step_before: int  # Last step logged before this process started.
+  resume_from: int  # Newest checkpoint before this process started (0: none).
+  finished: bool  # The run completed before it could be interrupted.
+  kill_note: str
+
+
+def _saving(workdir) -> bool:
+  """Whether orbax is writing a checkpoint (its temporary directory exists)."""
+  root = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(root) and any("tmp" in n for n in os.listdir(root))
+
+
+def step_seconds(workdir) -> float:
+  """Median seconds per step of a finished run (from its metrics.jsonl timestamps)."""
+  times = [r["time"] for r in records(workdir, "train")]
+  return float(np.median(np.diff(times[1:]))) if len(times) > 2 else 1.0
+
+
+def interrupt(cmd: list[str], env: dict, workdir, sig: int, rng: random.Random,
+              during_save: bool = False, pace: float = 1.0,
+              timeout: float = 600, while_running=None) -> Interrupted:
+  """Starts a run and sends `sig` at a random moment after it has trained a new step.
+
+  Args:
+    cmd: the experiment.py command.
+    env: its environment.
+    workdir: its workdir (metrics.jsonl is polled for progress).
+    sig: signal to send.
+    rng: chooses the delay after the first new step (0 to 1.5 step times), so the signal
+      lands anywhere in the step/log/save cycle.
+    during_save: instead, send it the moment a checkpoint write is seen in progress.
+    pace: seconds per step (see `step_seconds`).
+    timeout: seconds to wait for progress.
+    while_running: optional callable(pid), called once the run has trained a new step and
+      before the signal is sent (e.g. to start a second run on the same workdir).
+  """
+  before = last_train_step(workdir)
+  resume_from = latest_checkpoint(workdir)
+  log_path = os.path.join(str(workdir) + ".log")
+  with open(log_path, "a+") as log:
+    start = log.tell()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    note = ""
+    try:
+      deadline = time.time() + timeout
+      progressed_at = None
+      while time.time() < deadline and proc.poll() is None:
+        now_step = last_train_step(workdir)
+        if progressed_at is None and now_step > before:
+          if while_running is not None:
+            while_running(proc.pid)
+          progressed_at = time.time()
+          first_step = now_step
+          delay = rng.uniform(0.0, 1.5)
+        if during_save and progressed_at is not None and _saving(workdir):
+          note = f"during save after step {last_train_step(workdir)}"
+          break
+        if progressed_at is not None and not during_save:
+          if time.time() - progressed_at >= delay * pace:
+            note = f"{delay:.2f} step-times after step {first_step} (now {now_step})"
+            break
+        time.sleep(0.005 if during_save else 0.02)
+      finished = proc.poll() is not None
+      if not finished:
+        proc.send_signal(sig)
+      proc.wait(timeout=timeout)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.seek(start)
+    output = log.read()
+  return Interrupted(proc.returncode, output, before, resume_from,
+                     finished and proc.returncode == 0, note)

@@ -1,0 +1,75 @@
+"""Two processes joined by jax.distributed on localhost equal one process with two devices.
+
+Each process has one CPU device; cross-process collectives use JAX's gloo implementation
+(experiment.py selects it when NFNETS_DISTRIBUTED=1). The input pipeline's global batch of a
+step does not depend on the host layout, and all per-step randomness is keyed by the global
+device, so both layouts train on the same examples with the same crops, mixes, RandAugment ops
+and masks. Host 0 alone writes.
+"""
+
+import os
+import socket
+import subprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import e2e_helpers as rh  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run_two_processes(tmp_path_factory, workdirs, *extra: str, timeout: float, folder=None):
+  """Runs experiment.py as process 0 and 1 of one jax.distributed job; [(exit code, output)]."""
+  port = _free_port()
+  procs = []
+  for pid, workdir in enumerate(workdirs):
+    env = rh.subprocess_env(tmp_path_factory, devices=1)
+    env.update(NFNETS_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               NFNETS_NUM_PROCESSES="2", NFNETS_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(rh.train_cmd(workdir, *extra, folder=folder), cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=timeout)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return [(p.returncode, out) for p, out in zip(procs, outs)]
+
+
+def test_a_refusal_on_host_zero_stops_every_host(tmp_path_factory, tmp_path):
+  # Only host 0 reads the workdir. Before raise_together, host 0 exited with this error while
+  # host 1 waited in its next collective (the checkpoint broadcast) with nothing in its log.
+  workdirs = [tmp_path / "host0", tmp_path / "host1"]
+  (code0, out0), (code1, out1) = _run_two_processes(tmp_path_factory, workdirs, "--mode=eval",
+                                                    timeout=300)
+  assert code0 == 1 and "error: ValueError: Nothing to evaluate" in out0, out0[-3000:]
+  assert code1 == 1, out1[-3000:]
+  assert ("error: StoppedByHostZeroError: Host 0 stopped the run: ValueError: Nothing to "
+          "evaluate: no checkpoint in") in out1, out1[-3000:]
+
+
+def test_two_processes_match_one_process_with_two_devices(tmp_path_factory, tmp_path, reference,
+                                                          tiny_folder):
+  # Different workdir paths (on one machine) make "host 1 writes nothing" observable.
+  workdirs = [tmp_path / "host0", tmp_path / "host1"]
+  for code, out in _run_two_processes(tmp_path_factory, workdirs, timeout=900,
+                                      folder=tiny_folder):
+    assert code == 0, out[-5000:]
+  assert not workdirs[1].exists(), sorted(os.listdir(workdirs[1]))
+  assert rh.last_train_step(workdirs[0]) == rh.STEPS
+  got = rh.read_checkpoint(workdirs[0], rh.STEPS)
+  # The gradient mean over two devices is one addition of two numbers, whichever process
+  # does it, so every later value (params, optimizer state, EMA) agrees to the bit, with
+  # every source of randomness on and in bfloat16.
+  rh.assert_bit_identical(got, reference[1], context="2 processes x 1 device vs 1 process x 2")

@@ -1,0 +1,129 @@
+"""Tests for experiment.py and the run it drives: config checks, weight merging, eval-only runs.
+
+End-to-end runs use subprocesses (a fresh JAX with 2 CPU devices each) on synthetic data and
+a tiny NFNet at 16 px, sharing the session's persistent compilation cache. Kill/resume,
+signals and non-finite handling are proven in test_reliability.py.
+"""
+
+import dataclasses
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import e2e_helpers as rh  # pylint: disable=g-import-not-at-top
+
+REPO = rh.REPO
+if REPO not in sys.path:  # experiment.py and configs/ live at the repo root, not in a package.
+  sys.path.insert(0, REPO)
+
+from configs import fake_data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets import weights  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.train.options import ExperimentOptions  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _options(**train):
+  options = ExperimentOptions.from_config(fake_data.get_config())
+  return dataclasses.replace(options, train=dataclasses.replace(options.train, **train))
+
+
+def _records(workdir, split):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+# ----------------------------------------------------------------------------- in-process
+def test_validate_rejects_bad_settings():
+  loop.validate(_options(), "train", device_count=8)  # Valid as shipped.
+  with pytest.raises(ValueError, match="multiple of the device count"):
+    loop.validate(_options(batch_size=12), "train", device_count=8)
+  opts = _options()
+  bad_opt = dataclasses.replace(opts, optimizer=dataclasses.replace(opts.optimizer, name="lamb"))
+  with pytest.raises(ValueError, match="Unknown optimizer.name 'lamb'"):
+    loop.validate(bad_opt, "train", device_count=8)
+  bad_model = dataclasses.replace(opts, model=dataclasses.replace(opts.model, name="EffNet"))
+  with pytest.raises(ValueError, match="Unknown model 'EffNet'"):
+    loop.validate(bad_model, "train", device_count=8)
+  typo = dataclasses.replace(opts, model=dataclasses.replace(
+      opts.model, kwargs={**opts.model.kwargs, "stochdepth": 0.1}))
+  with pytest.raises(ValueError, match=r"NFNet has no argument\(s\) \['stochdepth'\]"):
+    loop.validate(typo, "train", device_count=8)
+  with pytest.raises(ValueError, match="--mode"):
+    loop.validate(_options(), "predict", device_count=8)
+
+
+def test_merge_params_keeps_fresh_head_only_when_asked():
+  fresh = {"NFNet/~/stem": {"w": np.zeros((3, 3, 1, 4), np.float32)},
+           "NFNet/~/nf_block_0/~/squeeze_excite/~/linear": {"w": np.zeros((4, 2), np.float32)},
+           "NFNet/~/linear": {"w": np.zeros((8, 5), np.float32), "b": np.zeros(5, np.float32)}}
+  loaded = {"NFNet/~/stem": {"w": np.ones((3, 3, 1, 4), np.float32)},
+            "NFNet/~/nf_block_0/~/squeeze_excite/~/linear": {"w": np.ones((4, 2), np.float32)},
+            "NFNet/~/linear": {"w": np.ones((8, 1000), np.float32), "b": np.ones(1000)}}
+  pattern = _options().init.head_pattern
+  merged = weights.merge_params(fresh, loaded, drop_head=True, head_pattern=pattern)
+  assert merged["NFNet/~/stem"]["w"].min() == 1  # Loaded.
+  # The SE block's nested 'linear' is not the classifier: it must be loaded too.
+  assert merged["NFNet/~/nf_block_0/~/squeeze_excite/~/linear"]["w"].min() == 1
+  assert merged["NFNet/~/linear"]["w"].shape == (8, 5) and merged["NFNet/~/linear"]["w"].max() == 0
+  with pytest.raises(ValueError, match=r"NFNet/~/linear/w has shape \(8, 1000\).*drop_head=True"):
+    weights.merge_params(fresh, loaded, drop_head=False, head_pattern=pattern)
+
+
+def test_nonfinite_error_names_step_and_quantity():
+  class _Ckpt:
+    def wait(self):  # Nothing in flight.
+      pass
+
+    def all_steps(self):
+      return [4]
+
+  sums = {"first_bad_step": 7.0, "first_bad_loss": 1.0, "first_bad_grad_norm": float("inf"),
+          "first_bad_update_norm": float("nan"), "first_bad_param_norm": 1.0}
+  error = loop.nonfinite_error(sums, _Ckpt())
+  assert str(error).startswith("Non-finite grad_norm at step 7; last good checkpoint: step 4.")
+
+
+# ---------------------------------------------------------------------------- end-to-end
+def test_eval_only_from_official_format_weights_and_from_the_workdir(tmp_path, e2e_env):
+  import jax  # pylint: disable=g-import-not-at-top
+  from nfnets.models import registry  # pylint: disable=g-import-not-at-top
+  kwargs = fake_data.get_config().model.kwargs
+  forward = registry.make_forward("NFNet", 10, **kwargs)
+  shapes, _ = jax.eval_shape(lambda: forward.init(jax.random.PRNGKey(0),
+                                                  np.zeros((1, 16, 16, 3)), is_training=True))
+  rng = np.random.RandomState(0)
+  # The released files are pickles of a plain dict of dicts of float32 arrays.
+  tree = {m: {n: np.asarray(rng.randn(*s.shape) * 0.1, np.float32) for n, s in leaves.items()}
+          for m, leaves in shapes.items()}
+  path = tmp_path / "F_tiny_haiku.npz"
+  with open(path, "wb") as f:
+    pickle.dump(tree, f)
+  workdir = tmp_path / "eval"
+  proc = subprocess.run(rh.train_cmd(workdir, "--mode=eval",
+                                     f"--config.init.official_weights={path}"),
+                        cwd=REPO, env=e2e_env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert f"Initialised from {path}" in proc.stdout
+  (result,) = _records(workdir, "eval")
+  assert result["num_examples"] == 32 and result["step"] == 0
+  assert 0.0 <= result["top_1_acc"] <= result["top_5_acc"] <= 1.0
+  # The EMA copy starts as the loaded weights, so both evaluations must agree exactly.
+  assert result["ema_top_1_acc"] == result["top_1_acc"]
+  assert result["ema_loss"] == pytest.approx(result["loss"], rel=1e-6)
+  # Nothing to evaluate at all must be an error, not an accuracy of random weights.
+  proc = subprocess.run(rh.train_cmd(tmp_path / "empty", "--mode=eval"), cwd=REPO, env=e2e_env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 1 and "Nothing to evaluate" in proc.stderr
+  # Coming back to the run with only its workdir: its saved config (with the weights path)
+  # is used, and another split is logged under its own prefix, not on the run's eval curve.
+  proc = subprocess.run([sys.executable, "experiment.py", f"--workdir={workdir}", "--mode=eval",
+                         "--config.data.eval_split=valid"], cwd=REPO, env=e2e_env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "[eval_valid @ step 0]" in proc.stdout
+  assert len(_records(workdir, "eval")) == 1 and len(_records(workdir, "eval_valid")) == 1

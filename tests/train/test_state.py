@@ -1,0 +1,46 @@
+"""Tests for nfnets/train/state.py: init, device layouts, the applied-update count, NaN names."""
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from nfnets.train import state as state_lib
+
+
+def _forward():
+  def f(images, is_training):
+    del is_training
+    return {'logits': hk.Linear(3, w_init=jnp.ones, name='linear')(images.reshape(len(images), -1))}
+  return hk.transform_with_state(f)
+
+
+def test_init_replicate_shard_and_unreplicate_round_trip():
+  optimizer = optax.sgd(optax.linear_schedule(0.1, 0.0, 10))
+  ts0 = state_lib.init_train_state(_forward(), optimizer, 0, (2, 2, 1))
+  assert ts0.step.dtype == jnp.int32 and int(ts0.step) == 0
+  assert ts0.rng.dtype == jnp.uint32
+  replicated = state_lib.replicate(ts0)
+  assert replicated.params['linear']['w'].shape[0] == jax.local_device_count()
+  jax.tree.map(np.testing.assert_array_equal, state_lib.unreplicate(replicated), ts0)
+  rows = np.arange(jax.local_device_count() * 3).reshape(jax.local_device_count(), 3)
+  sharded = state_lib.shard({'x': rows})
+  assert [int(s.data[0, 0]) for s in sharded['x'].addressable_shards] == list(rows[:, 0])
+  with pytest.raises(ValueError, match='image_shape'):
+    state_lib.init_train_state(_forward(), optimizer, 0, (8, 3))
+  # The applied-update count is the schedule's own counter, 0 before any update.
+  assert int(state_lib.applied_updates(ts0.opt_state, default=jnp.int32(7))) == 0
+  # A constant-lr optimizer has no schedule counter: the default is used.
+  plain = optax.sgd(0.1).init(ts0.params)
+  assert int(state_lib.applied_updates(plain, default=jnp.int32(7))) == 7
+
+
+def test_first_nonfinite_names_the_path():
+  tree = {'params': {'x': np.array([np.nan])},
+          'grads': {'TinyNet/~/conv': {'w': np.ones(3), 'b': np.array([0.0, np.inf])}},
+          'loss': np.float32(1.0)}
+  assert state_lib.first_nonfinite(tree) == 'grads/TinyNet/~/conv/b'
+  assert state_lib.first_nonfinite({'loss': 1.0, 'count': np.array([1, 2])}) is None
+  assert state_lib.first_nonfinite([np.ones(2), np.array([np.nan], jnp.bfloat16)]) == '1'

@@ -25,6 +25,19 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update("jax_threefry_partitionable", False)
 
+# One persistent compilation cache for the whole run (all xdist workers and the experiment.py
+# subprocesses of the end-to-end tests): a program compiled by one test module is loaded, not
+# recompiled, by any other that builds the same one (e.g. the legacy-checkpoint resume and the
+# loop test share a train step).
+import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+CACHE_DIR = os.environ.get("NFNETS_TEST_JAX_CACHE") or os.path.join(
+    tempfile.gettempdir(), f"nfnets_test_jax_cache_{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}")
+os.makedirs(CACHE_DIR, exist_ok=True)
+jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 
 _TIMM_MODULE = "test_timm_crosscheck.py"
 

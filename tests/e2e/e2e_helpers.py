@@ -47,16 +47,10 @@ def random_recipe(folder: str) -> list[str]:
 
 
 def shared_cache_dir(tmp_path_factory) -> str:
-  """One compilation cache for every end-to-end test module of the pytest session.
-
-  $NFNETS_TEST_JAX_CACHE, when set, names a cache kept across sessions (faster reruns).
-  """
-  if os.environ.get("NFNETS_TEST_JAX_CACHE"):
-    os.makedirs(os.environ["NFNETS_TEST_JAX_CACHE"], exist_ok=True)
-    return os.environ["NFNETS_TEST_JAX_CACHE"]
-  path = tmp_path_factory.getbasetemp() / "shared_jax_cache"
-  path.mkdir(exist_ok=True)
-  return str(path)
+  """The run's one compilation cache (tests/conftest.py), shared with the child processes."""
+  del tmp_path_factory
+  import conftest  # pylint: disable=g-import-not-at-top
+  return conftest.CACHE_DIR
 
 
 def subprocess_env(tmp_path_factory, devices: int) -> dict:

@@ -105,3 +105,19 @@ def test_metric_sums_merge_intervals_and_find_the_first_bad_step():
   fetched = sums.fetch()
   assert fetched["first_bad_step"] == 2 and np.isnan(fetched["first_bad_loss"])
   assert fetched["steps_in_interval"] == 3 and sums.fetch() is None
+
+
+def test_a_workdir_written_before_the_new_layout_still_resumes(tmp_path, monkeypatch):
+  # tests/fixtures/legacy_workdir: 6 steps of this config, written by the code of commit
+  # 89063a1 (the flat nfnets/ package, ConfigDict options, no checkpoint digests).
+  import shutil  # pylint: disable=g-import-not-at-top
+  fixture = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures",
+                         "legacy_workdir")
+  workdir = tmp_path / "legacy"
+  shutil.copytree(fixture, workdir)
+  monkeypatch.setattr(distributed, "setup_jax", lambda *args: None)
+  loop.run(_options(), str(workdir), "train")
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  resumed = [r for r in records if r["split"] == "train" and r["step"] > 6]
+  assert [r["step"] for r in resumed] == [8] and np.isfinite(resumed[0]["loss"])
+  assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())[-1] == 8

@@ -29,10 +29,12 @@ if [[ "$mode" == "test" ]]; then
     python -m pip install --quiet -e ".[timm]"
   fi
   # Exit code 5 means "no test selected" (e.g. with -k): not a failure of the suite.
-  python -m pytest "$@" || [[ $? -eq 5 ]]
+  # Two pytest-xdist workers by default (the CI machine has 2 cores; compiling is mostly
+  # single-threaded, so two workers halve the wall time): NFNETS_TEST_WORKERS=0 runs serially.
+  python -m pytest -n "${NFNETS_TEST_WORKERS:-2}" "$@" || [[ $? -eq 5 ]]
   if [[ "${NFNETS_SKIP_TIMM:-0}" != "1" ]]; then
     # A process of its own: torch's triton and TensorFlow crash when loaded together.
-    python -m pytest tests/test_timm_crosscheck.py "$@" || [[ $? -eq 5 ]]
+    python -m pytest tests/weights/test_timm_crosscheck.py "$@" || [[ $? -eq 5 ]]
   fi
   exit 0
 fi

@@ -13,6 +13,8 @@ Expected: paper Table 3 top-1 83.6%, top-5 96.8% (EMA weights, test at the varia
 test resolution). Time: ~9 h on 32 TPUv3 cores, estimated as the paper's step latency
 (73.3 ms at 32 images/core) x 4 (128 images/core) x 112,602 steps; not measured by us.
 Multi-host: add --config.distributed=True (runs jax.distributed.initialize()).
+One 8x80 GB GPU node (512 images/device): runs as it is (`--mode=plan` estimated 59 GB/device
+on XLA:CPU, an upper bound; DeepMind's code peaked at 30.1 GB at batch 512 on one H100).
 """
 
 import ml_collections

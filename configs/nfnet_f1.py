@@ -13,6 +13,9 @@ Expected: paper Table 3 top-1 84.7%, top-5 97.1% (EMA weights, test at the varia
 test resolution). Time: ~20 h on 32 TPUv3 cores, estimated as the paper's step latency
 (158.5 ms at 32 images/core) x 4 (128 images/core) x 112,602 steps; not measured by us.
 Multi-host: add --config.distributed=True (runs jax.distributed.initialize()).
+One 8x80 GB GPU node (512 images/device): add --config.train.grad_accum_steps=4 (same update,
+1/4 of the activation memory; `--mode=plan` estimated 38 GB/device vs 140 GB at k=1, see the
+README's "Paper scale" section).
 """
 
 import ml_collections

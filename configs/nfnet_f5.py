@@ -13,6 +13,8 @@ Expected: paper Table 3 top-1 86.0%, top-5 97.6% (EMA weights, test at the varia
 test resolution). Time: ~175 h on 32 TPUv3 cores, estimated as the paper's step latency
 (1398.5 ms at 32 images/core) x 4 (128 images/core) x 112,602 steps; not measured by us.
 Multi-host: add --config.distributed=True (runs jax.distributed.initialize()).
+One 8-GPU node: first run `--mode=plan --config.plan.num_devices=8` (see the README's "Paper
+scale" section) and add the --config.train.grad_accum_steps / --config.model.remat it picks.
 """
 
 import ml_collections

@@ -13,6 +13,8 @@ Expected: paper Table 3 top-1 86.5 (with SAM, the released F6; set --config.trai
 test resolution). Time: ~347 h on 32 TPUv3 cores, estimated as the paper's step latency
 (2774.1 ms at 32 images/core) x 4 (128 images/core) x 112,602 steps; not measured by us.
 Multi-host: add --config.distributed=True (runs jax.distributed.initialize()).
+One 8-GPU node: first run `--mode=plan --config.plan.num_devices=8` (see the README's "Paper
+scale" section) and add the --config.train.grad_accum_steps / --config.model.remat it picks.
 """
 
 import ml_collections

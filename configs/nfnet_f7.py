@@ -12,6 +12,8 @@ stochastic depth 0.25, bfloat16 compute; trains at 480 px and tests at 608 px.
 Expected: not reported in the paper (no F7 row in Table 3); the largest variant of the official
 table. Time: more than F6 (~2.8 s/step on 32 TPUv3 cores at 32 images/core); not measured by us.
 Multi-host: add --config.distributed=True (runs jax.distributed.initialize()).
+One 8-GPU node: first run `--mode=plan --config.plan.num_devices=8` (see the README's "Paper
+scale" section) and add the --config.train.grad_accum_steps / --config.model.remat it picks.
 """
 
 import ml_collections

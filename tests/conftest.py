@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+from photos import PHOTOS, photo  # pylint: disable=g-import-not-at-top
+
 # LLVM optimisation level 0: the tests run tiny models, so the code they compile is cheap to
 # run but expensive to optimise (a lone jax.random.normal took ~30 s of CPU to compile at the
 # default level on the 2-core CI machine, 0.4 s at level 0; the suite's CPU time fell ~20 %).
@@ -34,6 +36,9 @@ import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
 CACHE_DIR = os.environ.get("NFNETS_TEST_JAX_CACHE") or os.path.join(
     tempfile.gettempdir(), f"nfnets_test_jax_cache_{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}")
 os.makedirs(CACHE_DIR, exist_ok=True)
+# Child processes (tests/e2e) find it here: importing "conftest" by name is ambiguous, since
+# pytest loads every conftest.py of the tree under that one module name.
+os.environ["NFNETS_TEST_JAX_CACHE"] = CACHE_DIR
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -55,24 +60,6 @@ def pytest_ignore_collect(collection_path, config):
   return None if named else True
 
 
-def photo(name: str):
-  """A real photograph shipped inside an installed wheel, as uint8 RGB [H, W, 3].
-
-  'grace_hopper' (matplotlib's sample data), 'china' and 'flower' (scikit-learn's).
-  """
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  if name == "grace_hopper":
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    path = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
-  else:
-    import sklearn  # pylint: disable=g-import-not-at-top
-    path = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images", f"{name}.jpg")
-  with Image.open(path) as image:
-    return np.asarray(image.convert("RGB"))
-
-
-PHOTOS = ("grace_hopper", "china", "flower")
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,14 @@
 """--mode=plan: what a config needs per device, before any data is read or a run is started.
 
-For the configured model, batch and machine (`config.plan`), it compiles the train step on this
-machine's backend without data and reports, per device:
+For the configured model, batch and machine (`config.plan`), it reports, per device:
 
 * the exact bytes of parameters, optimizer state and EMA copies (from shapes);
 * peak memory estimates for gradient accumulation k = 1, 2, 4, ... with and without
-  rematerialisation, from the compiler's own buffer assignment (`compiled.memory_analysis()`):
-  the train step is compiled at two small micro-batches per remat mode, and the activation
-  memory is extrapolated linearly in the micro-batch (plus the gradient accumulator when
-  k > 1);
+  rematerialisation: the activation memory of one micro-batch comes from the compiler's own
+  buffer assignment (`compiled.memory_analysis()` of the forward + backward pass, compiled at
+  two small micro-batches per remat mode and extrapolated linearly in the micro-batch); to it
+  are added the exact bytes of the train state, the input batch, the float32 gradients, the
+  gradient accumulator (k > 1) and one more parameter-sized buffer for the optimizer update;
 * the smallest setting that fits `plan.device_memory_gb` (accumulation first, remat only if
   needed: accumulation costs no extra compute, remat ~1/3 more);
 * FLOPs per step from the model's own MAC count (3 x 2 x forward MACs per training image);
@@ -22,7 +22,7 @@ fragmentation is ignored. Leave headroom (the plan keeps 10 %).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ from nfnets.train import step as step_lib
 from nfnets.train.options import ExperimentOptions
 
 _HEADROOM = 0.9
-_PROBE_BATCHES = (2, 4)
+_PROBE_BATCHES = (1, 2)
 GB = 1e9
 
 
@@ -63,34 +63,55 @@ def _tree_bytes(tree: Any) -> int:
   return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def _compiled_memory(options: ExperimentOptions, remat: str, micro: int, num_classes: int,
-                     channels: int) -> Any:
-  """memory_analysis() of the train step for one device at micro-batch `micro` (k = 1)."""
+def fast_compile_options() -> Optional[dict[str, Any]]:
+  """Compiler options for a program compiled only for its memory analysis.
+
+  On CPU, LLVM optimisation does not change buffer assignment; skipping it halves compile time.
+  """
+  return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+
+
+def _activation_bytes(options: ExperimentOptions, remat: str, micro: int, num_classes: int,
+                      channels: int) -> float:
+  """Temporary bytes of one forward + backward pass at micro-batch `micro` (memory_analysis)."""
   forward = registry.make_forward(options.model.name, num_classes, remat=remat,
                                   **options.model.kwargs)
-  optimizer, schedule = optim.build_optimizer(options.optimizer, batch_size=micro,
-                                              steps_per_epoch=100.0, total_steps=10_000)
-  device = jax.devices()[:1]
   size = options.data.image_size
-  inputs = options.data.inputs_per_example
-  ts = state_lib.abstract_train_state(forward, optimizer, (size, size, channels))
-  lead = lambda x: jax.ShapeDtypeStruct((1,) + x.shape, x.dtype)
-  batch = {"images": jax.ShapeDtypeStruct((1, micro * inputs, size, size, channels), jnp.uint8),
-           "labels": jax.ShapeDtypeStruct((1, micro * inputs), jnp.int32)}
-  from nfnets.augment import batch as augment_batch  # pylint: disable=g-import-not-at-top
-  train_step = step_lib.make_train_step(
-      forward, optimizer, schedule, options.train, num_classes,
-      ema_decay=options.optimizer.ema_decay,
-      augment=augment_batch.make_augment(options.data), devices=device)
-  lowered = train_step.lower(jax.tree.map(lead, ts), batch)
-  # LLVM optimisation does not change buffer assignment; skipping it makes CPU compiles faster.
-  compiler_options = ({"xla_backend_optimization_level": 0}
-                      if jax.default_backend() == "cpu" else None)
-  return lowered.compile(compiler_options=compiler_options).memory_analysis(), ts
+  dtype = jnp.bfloat16 if options.train.bfloat16 else jnp.float32
+  params, state = jax.eval_shape(lambda: forward.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), is_training=True))
+
+  def loss(p, images):
+    cast = lambda t: jax.tree.map(lambda x: x.astype(dtype), t)
+    outputs, _ = forward.apply(cast(p), cast(state), jax.random.PRNGKey(0), images.astype(dtype),
+                               is_training=True)
+    return jnp.mean(outputs["logits"].astype(jnp.float32))
+
+  images = jax.ShapeDtypeStruct((micro, size, size, channels), jnp.float32)
+  lowered = jax.jit(jax.grad(loss)).lower(params, images)
+  return float(lowered.compile(compiler_options=fast_compile_options()).memory_analysis()
+               .temp_size_in_bytes)
 
 
-def plan(options: ExperimentOptions) -> dict[str, Any]:
-  """The plan as a dict (see the module docstring); `print_plan` formats it."""
+def choose(settings: list[dict[str, Any]], budget_bytes: float) -> Optional[dict[str, Any]]:
+  """The first setting that fits: remat off before on, then the fewest micro-batches.
+
+  Accumulation costs no extra compute (only smaller, less efficient micro-batches), remat
+  about a third more; so remat is used only when no accumulation fits without it.
+  """
+  return next((s for s in settings if s["peak_bytes"] <= budget_bytes), None)
+
+
+def plan(options: ExperimentOptions, remat_modes: Sequence[str] = ("none", "block")
+         ) -> dict[str, Any]:
+  """The plan as a dict (see the module docstring); `print_plan` formats it.
+
+  Args:
+    options: the experiment to plan.
+    remat_modes: the `model.remat` settings to estimate (each costs two compilations); the
+      configured one is always included.
+  """
+  remat_modes = tuple(dict.fromkeys(tuple(remat_modes) + (options.model.remat,)))
   devices = options.plan.num_devices or jax.device_count()
   batch = options.train.batch_size
   if batch % devices:
@@ -107,28 +128,32 @@ def plan(options: ExperimentOptions) -> dict[str, Any]:
   cost = flops.model_cost(forward, (size, size), channels=channels)
   train_flops_per_image = 6.0 * cost["macs"]
 
+  optimizer, _ = optim.build_optimizer(options.optimizer, batch_size=batch,
+                                       steps_per_epoch=1.0, total_steps=10**9)
+  ts = state_lib.abstract_train_state(forward, optimizer, (size, size, channels))
+  state_bytes = _tree_bytes(ts)
+  params_f32 = sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(ts.params))
   fits: list[Setting] = []
   probes: dict[str, dict[int, float]] = {}
-  state_bytes = None
-  for remat in ("none", "block"):
-    temps = {}
-    for micro in _PROBE_BATCHES:
-      memory, ts = _compiled_memory(options, remat, micro, num_classes, channels)
-      temps[micro] = float(memory.temp_size_in_bytes)
-      state_bytes = _tree_bytes(ts)
+  for remat in remat_modes:
+    temps = {m: _activation_bytes(options, remat, m, num_classes, channels)
+             for m in _PROBE_BATCHES}
     probes[remat] = temps
     (m1, t1), (m2, t2) = sorted(temps.items())
     slope = max((t2 - t1) / (m2 - m1), 0.0)
-    fixed = t1 - slope * m1
+    fixed = max(t1 - slope * m1, 0.0)
     for k in [d for d in range(1, per_device + 1) if per_device % d == 0]:
       micro = per_device // k
-      grads = _tree_bytes(ts.params) if k > 1 else 0
-      batch_bytes = per_device * options.data.inputs_per_example * size * size * channels
-      peak = state_bytes + batch_bytes + fixed + slope * micro + grads
+      # The uint8 inputs and their float32 normalised copy (augmentation happens per device).
+      pixels = per_device * size * size * channels
+      batch_bytes = pixels * options.data.inputs_per_example + 4 * pixels
+      # Gradients, the accumulator (k > 1) and one parameter-sized optimizer temporary.
+      grads = params_f32 * (3 if k > 1 else 2)
+      peak = state_bytes + batch_bytes + grads + fixed + slope * micro
       fits.append(Setting(k, remat, micro, peak))
   configured = next(s for s in fits if s.remat == options.model.remat and s.accum_steps == (
       step_lib.grad_accum_steps(options.train, per_device)))
-  chosen = next((s for s in fits if s.peak_bytes <= budget), None)
+  chosen = choose([dataclasses.asdict(s) for s in fits], budget)
 
   ips = options.plan.images_per_sec_per_device
   per_host = ips * options.plan.devices_per_host
@@ -142,10 +167,10 @@ def plan(options: ExperimentOptions) -> dict[str, Any]:
       "macs_per_image": cost["macs"],
       "flops_per_step_per_device": train_flops_per_image * per_device,
       "flops_per_step": train_flops_per_image * batch,
-      "probe_temp_bytes": probes,
+      "activation_probe_bytes": probes,
       "settings": [dataclasses.asdict(s) for s in fits],
       "configured": dataclasses.asdict(configured),
-      "chosen": dataclasses.asdict(chosen) if chosen else None,
+      "chosen": chosen,
       "budget_bytes": budget,
       "backend": jax.devices()[0].device_kind,
       "input_images_per_sec_per_host": per_host,
@@ -154,9 +179,13 @@ def plan(options: ExperimentOptions) -> dict[str, Any]:
   }
 
 
+def _size(num_bytes: float) -> str:
+  return f"{num_bytes / GB:.1f} GB" if num_bytes >= 0.1 * GB else f"{num_bytes / 1e6:.1f} MB"
+
+
 def format_plan(result: dict[str, Any], options: ExperimentOptions) -> str:
   """The human-readable plan."""
-  gb = lambda b: f"{b / GB:.2f} GB"
+  gb = _size
   cfg, chosen = result["configured"], result["chosen"]
   lines = [
       f"Plan for {options.model.name} {options.model.kwargs.get('variant', '')} at "
@@ -174,17 +203,17 @@ def format_plan(result: dict[str, Any], options: ExperimentOptions) -> str:
       " GMACs per image forward, x 6 for a training step)",
       "  peak memory per device (k = micro-batches per step):",
   ]
-  for remat in ("none", "block"):
+  for remat in dict.fromkeys(s["remat"] for s in result["settings"]):
     row = [s for s in result["settings"] if s["remat"] == remat][:6]
-    cells = ", ".join(f"k={s['accum_steps']} ({s['micro_batch']}/dev) {s['peak_bytes'] / GB:.1f}"
+    cells = ", ".join(f"k={s['accum_steps']} ({s['micro_batch']}/dev) {_size(s['peak_bytes'])}"
                       for s in row)
-    lines.append(f"    remat={remat:5s}: {cells} GB")
+    lines.append(f"    remat={remat:5s}: {cells}")
   lines.append(f"  configured (k={cfg['accum_steps']}, remat={cfg['remat']}): "
-               f"~{cfg['peak_bytes'] / GB:.1f} GB")
+               f"~{_size(cfg['peak_bytes'])}")
   if chosen:
     lines.append(f"  fits in {options.plan.device_memory_gb:g} GB (90 % used at most): "
                  f"--config.train.grad_accum_steps={chosen['accum_steps']} "
-                 f"--config.model.remat={chosen['remat']}  (~{chosen['peak_bytes'] / GB:.1f} GB)")
+                 f"--config.model.remat={chosen['remat']}  (~{_size(chosen['peak_bytes'])})")
   else:
     lines.append(f"  nothing fits in {options.plan.device_memory_gb:g} GB even at micro-batch 1"
                  " with remat: use more devices or a smaller model/resolution.")

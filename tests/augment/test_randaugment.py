@@ -19,13 +19,13 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
 from nfnets.augment import randaugment as ra
+from photos import photo_path
 
 
 def _load_reference():
@@ -59,15 +59,12 @@ def _photo(path: str, size: tuple[int, int], mode: str = "RGB") -> np.ndarray:
   return array[..., None] if array.ndim == 2 else array
 
 
-# sklearn's sample images, found without importing sklearn (slow).
-_SKLEARN_IMAGES = os.path.join(importlib.util.find_spec("sklearn").submodule_search_locations[0],
-                               "datasets", "images")
-_GRACE = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
-_CHINA = os.path.join(_SKLEARN_IMAGES, "china.jpg")
+_GRACE = photo_path("grace_hopper")
+_CHINA = photo_path("china")
 PHOTOS = {
     "grace": _photo(_GRACE, (64, 48)),
     "china_odd": _photo(_CHINA, (41, 37)),        # odd, non-square
-    "flower": _photo(os.path.join(_SKLEARN_IMAGES, "flower.jpg"), (64, 48)),
+    "flower": _photo(photo_path("flower"), (64, 48)),
     "grace_grey": _photo(_GRACE, (41, 37), "L"),
 }
 # An unresized 224x224 crop, for the contrast mean at the size NFNets train at (50176 pixels).

@@ -49,8 +49,7 @@ def random_recipe(folder: str) -> list[str]:
 def shared_cache_dir(tmp_path_factory) -> str:
   """The run's one compilation cache (tests/conftest.py), shared with the child processes."""
   del tmp_path_factory
-  import conftest  # pylint: disable=g-import-not-at-top
-  return conftest.CACHE_DIR
+  return os.environ["NFNETS_TEST_JAX_CACHE"]
 
 
 def subprocess_env(tmp_path_factory, devices: int) -> dict:

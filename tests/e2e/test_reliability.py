@@ -58,9 +58,16 @@ def test_kills_signals_and_a_double_launch_leave_the_run_bit_identical(reference
   second = {}
 
   def launch_again(pid):
-    started = time.time()
-    proc = _run(cmd, e2e_env, timeout=120)
-    second.update(pid=pid, proc=proc, seconds=time.time() - started)
+    # The running process is paused (it keeps its lock) while the second one starts and is
+    # refused: otherwise it trains on through the second's start-up, and the chain can run
+    # out of steps before its kills (seen under xdist: steps 2 -> 11 during the refusal).
+    os.kill(pid, signal.SIGSTOP)
+    try:
+      started = time.time()
+      proc = _run(cmd, e2e_env, timeout=120)
+      second.update(pid=pid, proc=proc, seconds=time.time() - started)
+    finally:
+      os.kill(pid, signal.SIGCONT)
 
   log = []
   for i, sig in enumerate(plan):
@@ -143,7 +150,9 @@ def test_nonfinite_stops_names_step_and_keeps_good_checkpoint(nan_cmd, e2e_env, 
 @pytest.mark.slow
 def test_skip_nonfinite_skips_and_counts(nan_cmd, e2e_env, tmp_path):
   workdir = tmp_path / "skip"
-  proc = _run(nan_cmd(workdir, "--config.train.skip_nonfinite=True"), e2e_env)
+  # Keep every checkpoint: steps 3 and 4 are compared below (keep=3 would have dropped them).
+  proc = _run(nan_cmd(workdir, "--config.train.skip_nonfinite=True",
+                      "--config.checkpoint.keep=100"), e2e_env)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   records = {r["step"]: r for r in rh.records(workdir, "train")}
   assert records[4]["finite"] == 0 and records[4]["skipped"] == 1

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import photo
+from photos import photo
 from inference_helpers import TINY, random_params
 from nfnets import weights
 from nfnets.inference import classifier, loading

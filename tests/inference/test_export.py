@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import photo
+from photos import photo
 from inference_helpers import TINY, random_params
 from nfnets import weights
 from nfnets.inference import export, loading

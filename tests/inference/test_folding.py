@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import PHOTOS, photo
+from photos import PHOTOS, photo
 from inference_helpers import TINY, random_params
 from nfnets.data.normalization import normalize
 from nfnets.inference.folding import fold_weight_standardization, is_ws_conv

@@ -171,7 +171,7 @@ def test_deepminds_released_file_when_given():
   assert {m: {n: v.shape for n, v in leaves.items()} for m, leaves in params.items()} == {
       m: {n: v.shape for n, v in leaves.items()} for m, leaves in expected.items()}
   assert sum(v.size for leaves in params.values() for v in leaves.values()) == 71_489_284
-  from conftest import photo  # pylint: disable=g-import-not-at-top
+  from photos import photo  # pylint: disable=g-import-not-at-top
   from nfnets.inference import classifier, loading  # pylint: disable=g-import-not-at-top
   clf = classifier.Classifier(loading.load_model(path))
   logits = clf.logits([photo("grace_hopper")])

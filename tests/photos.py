@@ -1,0 +1,31 @@
+"""Real photographs that ship inside installed wheels, for tests that need natural images.
+
+No machine here reaches the internet, so data sets cannot be downloaded; matplotlib and
+scikit-learn each install a few JPEGs with their package data.
+"""
+
+import importlib.util
+import os
+
+import numpy as np
+from PIL import Image
+
+PHOTOS = ("grace_hopper", "china", "flower")
+
+
+def photo_path(name: str) -> str:
+  """Path of 'grace_hopper' (matplotlib's sample data), 'china' or 'flower' (scikit-learn's)."""
+  if name not in PHOTOS:
+    raise ValueError(f"unknown photograph {name!r}; choose one of {PHOTOS}")
+  if name == "grace_hopper":
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    return os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+  # Found without importing scikit-learn, which takes seconds.
+  package_dir = importlib.util.find_spec("sklearn").submodule_search_locations[0]
+  return os.path.join(package_dir, "datasets", "images", f"{name}.jpg")
+
+
+def photo(name: str) -> np.ndarray:
+  """The photograph `name` as uint8 RGB [H, W, 3]."""
+  with Image.open(photo_path(name)) as image:
+    return np.asarray(image.convert("RGB"))

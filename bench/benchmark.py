@@ -103,6 +103,12 @@ def _peak_memory_gb() -> Optional[float]:
   return None if peak is None else peak / 2**30
 
 
+def _compiled_peak_bytes(memory: Any) -> int:
+  """Arguments + outputs + temporaries, less the outputs that alias donated arguments."""
+  return (memory.argument_size_in_bytes + memory.output_size_in_bytes +
+          memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+
+
 def _versions() -> Dict[str, str]:
   import importlib.metadata as md  # pylint: disable=g-import-not-at-top
   out = {'python': platform.python_version()}
@@ -129,8 +135,12 @@ def _data_options(args: argparse.Namespace, spec: Any, size: int):
                      mixup_alpha=0.2, cutmix=True, mix_mode=args.augment)
 
 
-def bench_nfnets(args: argparse.Namespace, info: Dict[str, Any]) -> List[Dict[str, Any]]:
-  """Times our train step (per accumulation x remat setting) and eval step; one record each."""
+def bench_nfnets(args: argparse.Namespace, info: Dict[str, Any],
+                 save: Callable[[Dict[str, Any]], None]) -> List[Dict[str, Any]]:
+  """Times our train step (per accumulation x remat setting) and eval step; one record each.
+
+  `save` gets each record as soon as it is measured (a later setting may run out of memory).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from nfnets.analysis import flops  # pylint: disable=g-import-not-at-top
@@ -160,6 +170,9 @@ def bench_nfnets(args: argparse.Namespace, info: Dict[str, Any]) -> List[Dict[st
         'peak_memory_gb': _peak_memory_gb(), 'compile_seconds': compile_cold,
         'compile_seconds_cached': compile_cached, 'macs_per_image': macs_per_image,
         'compiled_temp_gb': None if memory is None else memory.temp_size_in_bytes / 2**30,
+        # This program's own peak from the compiler's buffer assignment; peak_memory_gb is the
+        # process's high-water mark over every setting run so far.
+        'compiled_peak_gb': None if memory is None else _compiled_peak_bytes(memory) / 2**30,
         'versions': _versions(), **extra,
     }
 
@@ -213,6 +226,7 @@ def bench_nfnets(args: argparse.Namespace, info: Dict[str, Any]) -> List[Dict[st
         ms = _median_ms(one_step, jax.block_until_ready, args.steps, args.warmup)
         records.append(record('train', train_size, ms, cold, cached, macs, memory,
                               accum_steps=accum, remat=remat, augment=args.augment))
+        save(records[-1])
 
   if 'eval' in args.modes:
     forward = registry.make_forward('NFNet', num_classes, variant=variant)
@@ -230,11 +244,12 @@ def bench_nfnets(args: argparse.Namespace, info: Dict[str, Any]) -> List[Dict[st
                     args.steps, args.warmup)
     macs = flops.count_macs(forward, eval_size)
     records.append(record('eval', eval_size, ms, cold, cached, macs, memory))
+    save(records[-1])
   return records
 
 
-def bench_timm(args: argparse.Namespace, info: Dict[str, Any],
-               ours: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def bench_timm(args: argparse.Namespace, info: Dict[str, Any], ours: List[Dict[str, Any]],
+               save: Callable[[Dict[str, Any]], None]) -> List[Dict[str, Any]]:
   """timm's dm_nfnet at the same settings: SGD-Nesterov + timm's AGC for the train step."""
   import torch  # pylint: disable=g-import-not-at-top
   import timm  # pylint: disable=g-import-not-at-top
@@ -253,7 +268,8 @@ def bench_timm(args: argparse.Namespace, info: Dict[str, Any],
   head = list(model.head.fc.parameters())
   clipped = [p for p in model.parameters() if all(p is not h for h in head)]
   records = []
-  for ours_record in ours:
+  # One timm run per (mode, size): our accumulation / remat settings have no timm twin.
+  for ours_record in {(r['mode'], r['image_size']): r for r in reversed(ours)}.values():
     mode, size = ours_record['mode'], ours_record['image_size']
     x = torch.randn(args.batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch,), device=dev)
@@ -288,28 +304,36 @@ def bench_timm(args: argparse.Namespace, info: Dict[str, Any],
         'dtype': args.dtype if mode == 'train' else 'float32',
         'mfu': None if ours_record['mfu'] is None else ours_record['mfu'] * ours_record['ms_per_step'] / ms,
         'peak_memory_gb': peak, 'compile_seconds': first, 'compile_seconds_cached': None,
+        'compiled_temp_gb': None, 'compiled_peak_gb': None,
     })
+    for ours_only in ('accum_steps', 'remat', 'augment'):
+      record.pop(ours_only, None)
     records.append(record)
+    save(record)
   return records
 
 
 def _table(records: List[Dict[str, Any]]) -> str:
-  header = f"{'implementation':34s} {'mode':5s} {'batch':>5s} {'px':>4s} {'img/s':>9s} " \
-           f"{'ms/step':>9s} {'MFU':>6s} {'peak GB':>8s} {'compile s':>10s} {'cached s':>9s}"
+  header = f"{'implementation':34s} {'mode':5s} {'k':>2s} {'remat':5s} {'batch':>5s} {'px':>4s} " \
+           f"{'img/s':>9s} {'ms/step':>9s} {'MFU':>6s} {'prog GB':>8s} {'compile s':>10s} " \
+           f"{'cached s':>9s}"
   lines = [header, '-' * len(header)]
   fmt = lambda v, spec: '-' if v is None else format(v, spec)
   for r in records:
-    lines.append(f"{r['implementation']:34s} {r['mode']:5s} {r['batch']:5d} {r['image_size']:4d} "
+    lines.append(f"{r['implementation']:34s} {r['mode']:5s} {fmt(r.get('accum_steps'), '2d')} "
+                 f"{r.get('remat') or '-':5s} {r['batch']:5d} {r['image_size']:4d} "
                  f"{r['images_per_second']:9.1f} {r['ms_per_step']:9.1f} {fmt(r['mfu'], '6.1%')} "
-                 f"{fmt(r['peak_memory_gb'], '8.2f')} {fmt(r['compile_seconds'], '10.1f')} "
-                 f"{fmt(r['compile_seconds_cached'], '9.1f')}")
-  by_mode = {}
+                 f"{fmt(r.get('compiled_peak_gb') or r['peak_memory_gb'], '8.2f')} "
+                 f"{fmt(r['compile_seconds'], '10.1f')} {fmt(r['compile_seconds_cached'], '9.1f')}")
+  ours = {}
+  for r in records:  # Our first setting per (mode, size) is the one timm ran at.
+    if r['implementation'].startswith('nfnets'):
+      ours.setdefault((r['mode'], r['image_size']), r)
   for r in records:
-    by_mode.setdefault(r['mode'], []).append(r)
-  for mode, group in by_mode.items():
-    if len(group) > 1:
-      ratio = group[0]['images_per_second'] / group[1]['images_per_second']
-      lines.append(f'{mode}: nfnets / timm = {ratio:.2f}x')
+    mine = ours.get((r['mode'], r['image_size']))
+    if r['implementation'].startswith('timm') and mine:
+      ratio = mine['images_per_second'] / r['images_per_second']
+      lines.append(f"{r['mode']} {r['image_size']}px: nfnets / {r['implementation']} = {ratio:.2f}x")
   return '\n'.join(lines)
 
 
@@ -321,16 +345,22 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
   info = _device_info()
-  records = bench_nfnets(args, info)
-  if args.timm:
-    records += bench_timm(args, info, records)
-  print(_table(records))
   os.makedirs(args.out, exist_ok=True)
   stamp = datetime.datetime.now().strftime('%Y-%m-%dT%H%M%S')
   name = ''.join(c if c.isalnum() else '_' for c in info['device'])[:40]
   path = os.path.join(args.out, f'{stamp}_{name}_{args.variant.replace("+", "plus")}.json')
-  with open(path, 'w') as f:
-    json.dump(records, f, indent=1)
+  saved = []
+
+  def save(record: Dict[str, Any]) -> None:
+    saved.append(record)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(saved, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+  records = bench_nfnets(args, info, save)
+  if args.timm:
+    records += bench_timm(args, info, records, save)
+  print(_table(records))
   print(f'wrote {path}')
   return records
 

@@ -2,8 +2,10 @@
 
   python bench/kill_resume.py --kills=20 --out=bench/results/kill_resume.json
 
-Runs the tiny end-to-end config of tests/test_reliability.py (experiment.py, fake data,
-2 CPU devices, a checkpoint every step): once uninterrupted as the reference, then chains
+Runs the end-to-end recipe of tests/e2e/test_reliability.py (experiment.py on crops of real
+photographs through tf.data, every source of randomness on: Inception crops, flips, MixUp,
+CutMix, RandAugment, dropout, stochastic depth, bf16; a tiny NFNet, 2 CPU devices, a
+checkpoint every step): once uninterrupted as the reference, then chains
 of runs each SIGKILLed at a random moment after it trained a new step (every 4th kill the
 moment a checkpoint write is in progress) and restarted with the same command, until
 `--kills` kills were delivered. All checkpoints are kept, so every checkpoint a resumed
@@ -28,8 +30,10 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.join(REPO, "tests", "e2e"))
 
 import e2e_helpers as rh  # pylint: disable=g-import-not-at-top,wrong-import-position
+from photos import write_tiny_folder  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 KEEP_ALL = "--config.checkpoint.keep=1000"  # Not part of the compiled program.
 
@@ -71,26 +75,29 @@ def main() -> None:
   root = args.root or tempfile.mkdtemp(prefix="kill_resume_")
   env = rh.subprocess_env(_Factory(root), devices=2)
   t0 = time.time()
+  load_before = os.getloadavg()
 
+  folder = write_tiny_folder(os.path.join(root, "tiny_folder"))
   ref = os.path.join(root, "reference")
-  proc = subprocess.run(rh.train_cmd(ref, KEEP_ALL), cwd=REPO, env=env, capture_output=True,
+  proc = subprocess.run(rh.train_cmd(ref, KEEP_ALL, folder=folder), cwd=REPO, env=env, capture_output=True,
                         text=True)
   if proc.returncode:
     sys.exit(f"reference run failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
   reference = {s: rh.read_checkpoint(ref, s) for s in range(1, rh.STEPS + 1)}
+  pace = rh.step_seconds(ref)
 
   points, chain = [], 0
   while len(points) < args.kills:
     chain += 1
     workdir = os.path.join(root, f"chain{chain}")
-    cmd = rh.train_cmd(workdir, KEEP_ALL)
+    cmd = rh.train_cmd(workdir, KEEP_ALL, folder=folder)
     pending = None  # The kill point whose restart we are about to judge.
     while True:
       before = _steps_on_disk(workdir)
       killing = len(points) + (pending is not None) < args.kills
       if killing:
         result = rh.interrupt(cmd, env, workdir, signal.SIGKILL, rng,
-                              during_save=(len(points) % 4 == 3))
+                              during_save=(len(points) % 4 == 3), pace=pace)
       else:  # Enough kills: let this restart run to the end.
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         result = rh.Interrupted(proc.returncode, proc.stdout + proc.stderr, 0, 0,
@@ -115,6 +122,8 @@ def main() -> None:
   matched = sum(p["matched"] for p in points)
   summary = {
       "kills": len(points), "matched": matched, "seed": seed, "steps_per_run": rh.STEPS,
+      "recipe": rh.random_recipe(folder),
+      "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
       "seconds": round(time.time() - t0, 1), "machine": f"{platform.machine()} "
       f"{os.cpu_count()}-core CPU, {platform.platform()}",
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

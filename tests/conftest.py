@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from photos import PHOTOS, photo  # pylint: disable=g-import-not-at-top
+from photos import write_tiny_folder  # pylint: disable=g-import-not-at-top
 
 # LLVM optimisation level 0: the tests run tiny models, so the code they compile is cheap to
 # run but expensive to optimise (a lone jax.random.normal took ~30 s of CPU to compile at the
@@ -60,29 +60,10 @@ def pytest_ignore_collect(collection_path, config):
   return None if named else True
 
 
-
-
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
-  """An image-folder data set of real photographs: 3 classes x (8 train + 4 test) JPEG crops.
-
-  Class c holds crops of photograph c at seeded random places, 48x40 px, so the set is
-  learnable and every image is distinct.
-  """
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.getbasetemp() / "tiny_folder"
-  rng = np.random.default_rng(0)
-  for c, name in enumerate(PHOTOS):
-    image = photo(name)
-    for split, count in (("train", 8), ("test", 4)):
-      (root / split / name).mkdir(parents=True, exist_ok=True)
-      for k in range(count):
-        y = rng.integers(0, image.shape[0] - 200)
-        x = rng.integers(0, image.shape[1] - 240)
-        crop = Image.fromarray(image[y:y + 200, x:x + 240]).resize((48, 40), Image.BILINEAR)
-        crop.save(root / split / name / f"{k}.jpg", quality=90)
-  return str(root)
+  """A folder data set of 3 x (8 train + 4 test) crops of real photographs (tests/photos.py)."""
+  return write_tiny_folder(str(tmp_path_factory.getbasetemp() / "tiny_folder"))
 
 
 @pytest.fixture(scope="session")

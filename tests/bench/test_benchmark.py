@@ -15,7 +15,8 @@ import pytest
 _PATH = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, 'bench', 'benchmark.py')
 _FIELDS = ('device', 'date', 'implementation', 'variant', 'mode', 'batch', 'image_size',
            'dtype', 'images_per_second', 'ms_per_step', 'mfu', 'peak_memory_gb',
-           'compile_seconds', 'compile_seconds_cached', 'macs_per_image', 'versions')
+           'compile_seconds', 'compile_seconds_cached', 'macs_per_image', 'compiled_temp_gb',
+           'compiled_peak_gb', 'versions')
 
 
 def _load_benchmark():
@@ -58,6 +59,9 @@ def test_numbers_are_consistent(run):
     expected = r['macs_per_image'] * 2 * passes * 4 / (r['ms_per_step'] / 1e3) / 1e12
     assert math.isclose(r['mfu'], expected, rel_tol=1e-9)
     assert r['macs_per_image'] > 0
+    # The program's own peak holds at least its temporaries (the process high-water mark,
+    # peak_memory_gb, is not per program).
+    assert r['compiled_peak_gb'] >= r['compiled_temp_gb'] > 0
 
 
 def test_bad_arguments_are_refused():

@@ -48,8 +48,9 @@ def random_recipe(folder: str) -> list[str]:
 
 def shared_cache_dir(tmp_path_factory) -> str:
   """The run's one compilation cache (tests/conftest.py), shared with the child processes."""
-  del tmp_path_factory
-  return os.environ["NFNETS_TEST_JAX_CACHE"]
+  # Under pytest, tests/conftest.py's cache; elsewhere (bench/kill_resume.py) one of its own.
+  return (os.environ.get("NFNETS_TEST_JAX_CACHE") or
+          str(tmp_path_factory.getbasetemp() / "jax_cache"))
 
 
 def subprocess_env(tmp_path_factory, devices: int) -> dict:

@@ -55,6 +55,8 @@ def _parse_args(argv: List[str]) -> argparse.Namespace:
                       help="The train step's on-device MixUp/CutMix + RandAugment ('none': off).")
   parser.add_argument('--steps', type=int, default=20, help='Timed steps (median reported).')
   parser.add_argument('--warmup', type=int, default=3, help='Untimed steps after compiling.')
+  parser.add_argument('--compile_only', action='store_true',
+                      help='Train settings: compile once and record memory only (no timing).')
   parser.add_argument('--timm', action='store_true', help="Also run timm's dm_nfnet in this process.")
   parser.add_argument('--timm_compile', action='store_true', help='torch.compile the timm model.')
   parser.add_argument('--peak_tflops', type=float, default=None,
@@ -213,6 +215,21 @@ def bench_nfnets(args: argparse.Namespace, info: Dict[str, Any],
               forward, optimizer, schedule, _train_options(args, accum), num_classes,
               ema_decay=0.99999, augment=augment_batch.make_augment(data), accum_steps=accum,
               devices=device)
+        if args.compile_only:  # Memory of each setting, e.g. for F0 on a CPU in minutes.
+          start = time.perf_counter()
+          memory = make_step().lower(state_lib.replicate(host_state, device),
+                                     batch).compile().memory_analysis()
+          save({**info, 'date': datetime.date.today().isoformat(),
+                'implementation': 'nfnets (this repo)', 'variant': args.variant,
+                'mode': 'train (compiled only)', 'batch': args.batch, 'image_size': train_size,
+                'dtype': args.dtype, 'accum_steps': accum, 'remat': remat,
+                'compile_seconds': time.perf_counter() - start,
+                'compiled_temp_gb': memory.temp_size_in_bytes / 2**30,
+                'compiled_peak_gb': _compiled_peak_bytes(memory) / 2**30,
+                'versions': _versions()})
+          print(f'{args.variant} batch {args.batch} {train_size}px k={accum} remat={remat}: '
+                f'{_compiled_peak_bytes(memory) / 2**30:.2f} GB', flush=True)
+          continue
         # The step donates its state: thread it through every call.
         holder = {}
         (holder['state'], _), cold, cached = compile_twice(
@@ -358,6 +375,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     os.replace(path + '.tmp', path)
 
   records = bench_nfnets(args, info, save)
+  if args.compile_only:
+    print(f'wrote {path}')
+    return saved
   if args.timm:
     records += bench_timm(args, info, records, save)
   print(_table(records))

@@ -39,17 +39,10 @@ def main(argv: list[str]) -> None:
   del argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from nfnets.inference import export  # pylint: disable=g-import-not-at-top
-  from nfnets.inference import loading  # pylint: disable=g-import-not-at-top
-  from nfnets.predict import read_config  # pylint: disable=g-import-not-at-top
+  from nfnets.predict import load_described  # pylint: disable=g-import-not-at-top
   try:
-    described = {}
-    if _CONFIG.value:
-      options = read_config(_CONFIG.value)
-      # The class count is read off the weights' classifier, not the config's data set.
-      described = dict(model=options.model.name, model_kwargs=dict(options.model.kwargs))
-    loaded = loading.load_model(_WEIGHTS.value, model=_MODEL.value or described.get("model"),
-                          variant=_VARIANT.value, model_kwargs=described.get("model_kwargs"),
-                          ema=_EMA.value)
+    loaded = load_described(_WEIGHTS.value, model=_MODEL.value, variant=_VARIANT.value,
+                            config=_CONFIG.value, ema=_EMA.value)
     for path in export.write_exports(loaded, _OUT.value, formats=_FORMATS.value):
       print(f"wrote {path}")
   except ValueError as e:

@@ -33,22 +33,33 @@ _FOLD = flags.DEFINE_boolean("fold", False, "Fold weight standardisation (plain 
 
 
 def _classifier():
-  import dataclasses  # pylint: disable=g-import-not-at-top
   from nfnets.inference import classifier  # pylint: disable=g-import-not-at-top
+  loaded = load_described(_WEIGHTS.value, model=_MODEL.value, variant=_VARIANT.value,
+                          config=_CONFIG.value, ema=_EMA.value)
+  return classifier.Classifier(loaded, batch_size=_BATCH.value, fold=_FOLD.value)
+
+
+def load_described(weights: str, *, model: Optional[str], variant: Optional[str],
+                   config: Optional[str], ema: bool):
+  """`loading.load_model`, told the model and eval protocol by a config file when given.
+
+  The command lines' shared loading (`nfnets.predict`, `nfnets.export`). The class count is
+  read off the weights' classifier, not the config's data set; the config's eval resolution
+  and preprocessing replace the weights' own, as the run would have evaluated.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
   from nfnets.inference import loading  # pylint: disable=g-import-not-at-top
   described = {}
-  if _CONFIG.value:
-    options = read_config(_CONFIG.value)
-    # The class count is read off the weights' classifier, not the config's data set.
+  if config:
+    options = read_config(config)
     described = dict(model=options.model.name, model_kwargs=dict(options.model.kwargs))
-  loaded = loading.load_model(_WEIGHTS.value, model=_MODEL.value or described.get("model"),
-                        variant=_VARIANT.value, model_kwargs=described.get("model_kwargs"),
-                        ema=_EMA.value)
-  if _CONFIG.value:  # The config's evaluation protocol, as the run would have used.
+  loaded = loading.load_model(weights, model=model or described.get("model"), variant=variant,
+                              model_kwargs=described.get("model_kwargs"), ema=ema)
+  if config:
     loaded = dataclasses.replace(loaded, spec=dataclasses.replace(
         loaded.spec, eval_image_size=options.data.eval_image_size,
         eval_preproc=options.data.eval_preproc))
-  return classifier.Classifier(loaded, batch_size=_BATCH.value, fold=_FOLD.value)
+  return loaded
 
 
 def read_config(path: str):

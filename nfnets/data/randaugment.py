@@ -355,19 +355,3 @@ def randaugment(image: tf.Tensor, num_layers: int, magnitude: float, seed: tf.Te
   # A while loop (not a Python loop) traces the 16 branches once, not once per layer.
   _, image = tf.while_loop(lambda layer, _: layer < num_layers, one_layer, (tf.constant(0), image))
   return image
-
-
-def parse_randaugment_level(s: str) -> tuple[int, float]:
-  """Parses an official RandAugment level: '405' -> (4 layers, magnitude 5.0), '415' -> (4, 15.0).
-
-  Args:
-    s: decimal digits of an integer > 100, read as layers = v // 100 and magnitude = v % 100.
-
-  Returns:
-    (num_layers, magnitude).
-  """
-  if not isinstance(s, str) or not (s.isascii() and s.isdigit()) or int(s) <= 100:
-    raise ValueError(f"RandAugment level must be digits of an integer > 100 like '405' "
-                     f"(4 layers, magnitude 5), got {s!r}.")
-  value = int(s)
-  return value // 100, float(value % 100)

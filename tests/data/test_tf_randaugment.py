@@ -294,15 +294,3 @@ def test_bad_inputs_raise_value_error():
   for magnitude in (-1.0, float("nan")):
     with pytest.raises(ValueError, match="magnitude"):
       ra.randaugment(image, 2, magnitude, SEED)
-
-
-@pytest.mark.parametrize("level,expected", [("405", (4, 5)), ("410", (4, 10)), ("415", (4, 15)),
-                                            ("205", (2, 5)), ("1015", (10, 15))])
-def test_parse_randaugment_level(level, expected):
-  assert ra.parse_randaugment_level(level) == expected
-
-
-@pytest.mark.parametrize("bad", ["", "abc", "100", "99", "4.05", " 405", "-405", "4o5", None, 405])
-def test_parse_randaugment_level_rejects_bad_strings(bad):
-  with pytest.raises(ValueError, match="RandAugment level"):
-    ra.parse_randaugment_level(bad)

@@ -13,8 +13,8 @@ Expected: paper Table 3 top-1 85.1%, top-5 97.3% (EMA weights, test at the varia
 test resolution). Time: ~37 h on 32 TPUv3 cores, estimated as the paper's step latency
 (295.8 ms at 32 images/core) x 4 (128 images/core) x 112,602 steps; not measured by us.
 Multi-host: add --config.distributed=True (runs jax.distributed.initialize()).
-One 8-GPU node: first run `--mode=plan --config.plan.num_devices=8` (see the README's "Paper
-scale" section) and add the --config.train.grad_accum_steps / --config.model.remat it picks.
+One 8x80 GB GPU node (512 images/device): add --config.train.grad_accum_steps=4 (`--mode=plan`
+estimated 71 GB/device on XLA:CPU, an upper bound, vs 264 GB at k=1; README "Paper scale").
 """
 
 import ml_collections

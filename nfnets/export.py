@@ -20,6 +20,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 
 from nfnets.inference.folding import fold_weight_standardization
 
@@ -36,6 +37,8 @@ _EMA = flags.DEFINE_boolean("ema", True, "For a workdir: the EMA weights (else t
 
 
 def main(argv: list[str]) -> None:
+  # orbax logs every restore step at INFO through absl: noise on a command line's console.
+  absl_logging.set_verbosity(absl_logging.WARNING)
   del argv
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from nfnets.inference import export  # pylint: disable=g-import-not-at-top

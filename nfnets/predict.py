@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 
 _WEIGHTS = flags.DEFINE_string("weights", None, "F*_haiku.npz, our .npz, or a workdir.")
 _MODEL = flags.DEFINE_string("model", None, "Model family (default: from the weights).")
@@ -117,6 +118,8 @@ def predict(paths: Sequence[str]) -> list[dict]:
 
 
 def main(argv: list[str]) -> None:
+  # orbax logs every restore step at INFO through absl: noise on a command line's console.
+  absl_logging.set_verbosity(absl_logging.WARNING)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
     records = predict(argv[1:])

@@ -104,3 +104,18 @@ def test_cli_prints_five_classes_per_image_and_skips_what_it_cannot_read(files, 
     assert top[0]["index"] == int(probs.argmax()) and top[0]["name"] == names[0]
     assert top[0]["synset"].startswith("n")
     np.testing.assert_allclose(top[0]["probability"], probs.max(), rtol=1e-5)
+
+
+def test_cli_classifies_with_a_run_workdir_and_keeps_the_console_clean(files):
+  # The committed workdir of an earlier version (tests/fixtures): the model comes from its
+  # config.json, the weights from its newest checkpoint (EMA).
+  workdir = os.path.join(REPO, "tests", "fixtures", "legacy_workdir")
+  proc = _predict(f"--weights={workdir}", str(files / "grace.jpg"), files_dir=files)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  lines = [l for l in proc.stdout.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].count(" | ") == 4, lines
+  assert "classified with " + workdir + " (step 6, EMA weights)" in proc.stderr
+  # orbax reports every restore step at INFO through absl ("I1202 13:30:55 ... checkpoint_
+  # manager.py ..."): seen on the console before, hidden now.
+  noisy = [l for l in proc.stderr.splitlines() if ".py:" in l and l[:1] in "IW" and l[1:5].isdigit()]
+  assert not noisy, noisy[:3]

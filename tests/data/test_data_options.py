@@ -1,4 +1,5 @@
-"""nfnets/data/options.py: the one RandAugment level parser and DataOptions' own checks."""
+"""nfnets/data/options.py (named apart from tests/train/test_options.py: pytest imports test
+modules by base name): the one RandAugment level parser and DataOptions' own checks."""
 
 import pytest
 

@@ -162,13 +162,14 @@ def bench_nfnets(args: argparse.Namespace, info: Dict[str, Any],
   records = []
 
   def record(mode, size, ms, compile_cold, compile_cached, macs_per_image, memory, **extra):
+    """One result; `ms` None for a setting that was compiled only (no timing)."""
     flops_per_step = macs_per_image * 2 * (3 if mode == 'train' else 1) * args.batch
     return {
         **info, 'date': datetime.date.today().isoformat(), 'implementation': 'nfnets (this repo)',
         'variant': args.variant, 'mode': mode, 'batch': args.batch, 'image_size': size,
         'dtype': args.dtype if mode == 'train' else 'float32',
-        'images_per_second': args.batch / (ms / 1e3), 'ms_per_step': ms,
-        'mfu': None if peak is None else flops_per_step / (ms / 1e3) / peak,
+        'images_per_second': None if ms is None else args.batch / (ms / 1e3), 'ms_per_step': ms,
+        'mfu': None if peak is None or ms is None else flops_per_step / (ms / 1e3) / peak,
         'peak_memory_gb': _peak_memory_gb(), 'compile_seconds': compile_cold,
         'compile_seconds_cached': compile_cached, 'macs_per_image': macs_per_image,
         'compiled_temp_gb': None if memory is None else memory.temp_size_in_bytes / 2**30,
@@ -219,14 +220,10 @@ def bench_nfnets(args: argparse.Namespace, info: Dict[str, Any],
           start = time.perf_counter()
           memory = make_step().lower(state_lib.replicate(host_state, device),
                                      batch).compile().memory_analysis()
-          save({**info, 'date': datetime.date.today().isoformat(),
-                'implementation': 'nfnets (this repo)', 'variant': args.variant,
-                'mode': 'train (compiled only)', 'batch': args.batch, 'image_size': train_size,
-                'dtype': args.dtype, 'accum_steps': accum, 'remat': remat,
-                'compile_seconds': time.perf_counter() - start,
-                'compiled_temp_gb': memory.temp_size_in_bytes / 2**30,
-                'compiled_peak_gb': _compiled_peak_bytes(memory) / 2**30,
-                'versions': _versions()})
+          records.append(record('train', train_size, None, time.perf_counter() - start, None,
+                                macs, memory, accum_steps=accum, remat=remat,
+                                augment=args.augment, compile_only=True))
+          save(records[-1])
           print(f'{args.variant} batch {args.batch} {train_size}px k={accum} remat={remat}: '
                 f'{_compiled_peak_bytes(memory) / 2**30:.2f} GB', flush=True)
           continue

@@ -80,15 +80,19 @@ def options(root: str, **overrides) -> DataOptions:
   return DataOptions(**dict(base, **overrides))
 
 
-def time_train(opts: DataOptions, batch: int, steps: int) -> float:
-  """Training examples per second of the host stage (after one warm-up batch)."""
-  it = pipeline.build_train_iterator(opts, global_batch_size=batch, host_index=0,
-                                     host_count=1, local_device_count=1)
-  next(it)
+def _rate(iterator, batch: int, steps: int) -> float:
+  """Examples/s over `steps` batches of `batch`, after one warm-up batch (tracing, prefetch)."""
+  next(iterator)
   start = time.perf_counter()
   for _ in range(steps):
-    next(it)
+    next(iterator)
   return steps * batch / (time.perf_counter() - start)
+
+
+def time_train(opts: DataOptions, batch: int, steps: int) -> float:
+  """Training examples per second of the host stage."""
+  return _rate(pipeline.build_train_iterator(opts, global_batch_size=batch, host_index=0,
+                                             host_count=1, local_device_count=1), batch, steps)
 
 
 def time_eval(opts: DataOptions, batch: int) -> float:
@@ -123,12 +127,8 @@ def _files(root: str) -> list[str]:
 
 
 def _timed_rate(ds: tf.data.Dataset, batch: int, steps: int) -> float:
-  it = iter(ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).repeat())
-  next(it)
-  start = time.perf_counter()
-  for _ in range(steps):
-    next(it)
-  return steps * batch / (time.perf_counter() - start)
+  return _rate(iter(ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).repeat()),
+               batch, steps)
 
 
 def official_reference(files: list[str], size: int) -> tf.data.Dataset:

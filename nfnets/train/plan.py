@@ -63,14 +63,6 @@ def _tree_bytes(tree: Any) -> int:
   return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def fast_compile_options() -> Optional[dict[str, Any]]:
-  """Compiler options for a program compiled only for its memory analysis.
-
-  On CPU, LLVM optimisation does not change buffer assignment; skipping it halves compile time.
-  """
-  return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-
-
 def _activation_bytes(options: ExperimentOptions, remat: str, micro: int, num_classes: int,
                       channels: int) -> float:
   """Temporary bytes of one forward + backward pass at micro-batch `micro` (memory_analysis)."""
@@ -82,15 +74,15 @@ def _activation_bytes(options: ExperimentOptions, remat: str, micro: int, num_cl
       jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), is_training=True))
 
   def loss(p, images):
-    cast = lambda t: jax.tree.map(lambda x: x.astype(dtype), t)
+    cast = lambda t: state_lib.cast_floats(t, dtype)
     outputs, _ = forward.apply(cast(p), cast(state), jax.random.PRNGKey(0), images.astype(dtype),
                                is_training=True)
     return jnp.mean(outputs["logits"].astype(jnp.float32))
 
   images = jax.ShapeDtypeStruct((micro, size, size, channels), jnp.float32)
   lowered = jax.jit(jax.grad(loss)).lower(params, images)
-  return float(lowered.compile(compiler_options=fast_compile_options()).memory_analysis()
-               .temp_size_in_bytes)
+  compiled = lowered.compile(compiler_options=state_lib.fast_compile_options())
+  return float(compiled.memory_analysis().temp_size_in_bytes)
 
 
 def choose(settings: list[dict[str, Any]], budget_bytes: float) -> Optional[dict[str, Any]]:
@@ -153,7 +145,8 @@ def plan(options: ExperimentOptions, remat_modes: Sequence[str] = ("none", "bloc
       fits.append(Setting(k, remat, micro, peak))
   configured = next(s for s in fits if s.remat == options.model.remat and s.accum_steps == (
       step_lib.grad_accum_steps(options.train, per_device)))
-  chosen = choose([dataclasses.asdict(s) for s in fits], budget)
+  settings = [dataclasses.asdict(s) for s in fits]
+  chosen = choose(settings, budget)
 
   ips = options.plan.images_per_sec_per_device
   per_host = ips * options.plan.devices_per_host
@@ -168,7 +161,7 @@ def plan(options: ExperimentOptions, remat_modes: Sequence[str] = ("none", "bloc
       "flops_per_step_per_device": train_flops_per_image * per_device,
       "flops_per_step": train_flops_per_image * batch,
       "activation_probe_bytes": probes,
-      "settings": [dataclasses.asdict(s) for s in fits],
+      "settings": settings,
       "configured": dataclasses.asdict(configured),
       "chosen": chosen,
       "budget_bytes": budget,

@@ -16,8 +16,16 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS_NAME = 'batch'
-_INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 PyTree = Any
+
+
+def fast_compile_options() -> Optional[dict[str, Any]]:
+  """Compiler options for programs whose speed does not matter (init, memory analysis).
+
+  XLA:CPU's LLVM backend spends long optimising code that runs once or never; level 0 skips
+  that and does not change buffer assignment. Accelerators keep their defaults.
+  """
+  return {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
 
 
 class TrainState(NamedTuple):
@@ -90,9 +98,8 @@ def init_train_state(forward: hk.TransformedWithState,
   lowered = jax.jit(lambda r, x: forward.init(r, x, is_training=True)).lower(init_rng, images)
   # Init runs once and takes milliseconds, but its program holds one random-number kernel per
   # parameter, which XLA:CPU's LLVM backend spends a long time optimising (demo NFNet: 23 s at
-  # the default level, 10 s at level 0, on the 2-core CI machine). Accelerators keep defaults.
-  options = _INIT_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None
-  params, state = lowered.compile(compiler_options=options)(init_rng, images)
+  # the default level, 10 s at level 0, on the 2-core CI machine).
+  params, state = lowered.compile(compiler_options=fast_compile_options())(init_rng, images)
   params, state = cast_floats(params, jnp.float32), cast_floats(state, jnp.float32)
   opt_state = jax.jit(optimizer.init)(params)
   # Separate buffers for the EMA copies: the train step donates the whole state.

@@ -60,7 +60,7 @@ def _compiled_step_peak(options: ExperimentOptions, accum_steps: int) -> float:
       ema_decay=options.optimizer.ema_decay, augment=loop.make_augment(options),
       accum_steps=accum_steps, devices=jax.devices()[:1])
   compiled = train_step.lower(replicated, batch).compile(
-      compiler_options=plan_lib.fast_compile_options())
+      compiler_options=state_lib.fast_compile_options())
   memory = compiled.memory_analysis()
   return float(memory.argument_size_in_bytes + memory.temp_size_in_bytes)
 

@@ -22,6 +22,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
+from nfnets.data import files
 from nfnets.data import folder as folder_lib
 from nfnets.data.options import DataOptions
 
@@ -171,6 +172,7 @@ class FolderSource:
   def __post_init__(self):
     index = folder_lib.index_folder(self.root, self.split, self.test_fraction)
     self._paths = index.paths
+    self._sizes = index.sizes
     self._labels = index.labels
     self.num_classes = len(index.class_names)
     self.class_names = index.class_names
@@ -182,10 +184,30 @@ class FolderSource:
     return len(self._paths)
 
   def read(self, indices: Sequence[int]) -> tuple[list[bytes], np.ndarray]:
+    """Encoded bytes and labels; refuses a file changed since indexing into something unsafe.
+
+    Every file is read as a regular file within NFNETS_MAX_FILE_BYTES (a FIFO or device put in
+    its place would block or never end); one whose size differs from the indexed one has its
+    headers checked against NFNETS_MAX_IMAGE_PIXELS again. Unchanged files skip that check:
+    the index checked them, and parsing headers costs as much as reading a small file.
+
+    Raises:
+      files.UnreadableFileError: one line naming the file.
+    """
     images = []
     for i in indices:
-      with open(self._paths[i], "rb") as f:
-        images.append(f.read())
+      path = self._paths[i]
+      try:
+        data = files.read_regular_file(path)
+        if self._sizes is None or len(data) != self._sizes[i]:
+          files.check_image_pixels(data, path)
+      except (files.UnreadableFileError, OSError) as e:
+        reason = str(e) if isinstance(e, files.UnreadableFileError) else (
+            f"{files.printable(path)}: {files.printable(e.strerror or e)}")
+        raise files.UnreadableFileError(
+            f"{reason} (it changed after the folder was indexed; fix or remove it and "
+            "restart)") from None
+      images.append(data)
     return images, self._labels[np.asarray(indices, np.int64)]
 
 

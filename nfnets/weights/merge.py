@@ -14,12 +14,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from nfnets.weights import npz
+
 Params = dict[str, dict[str, np.ndarray]]
-
-
-def _is_floating(dtype: np.dtype) -> bool:
-  # ml_dtypes' bfloat16 (bf16 training saves it) has numpy kind 'V', not 'f'.
-  return dtype.kind == "f" or dtype.name == "bfloat16"
 
 
 def check_finite(params: Mapping[str, Mapping[str, Any]], source: str) -> None:
@@ -27,7 +24,7 @@ def check_finite(params: Mapping[str, Mapping[str, Any]], source: str) -> None:
   for module, leaves in params.items():
     for name, value in leaves.items():
       arr = np.asarray(value)
-      if _is_floating(arr.dtype) and not np.all(np.isfinite(arr.astype(np.float32))):
+      if npz.is_floating(arr.dtype) and not np.all(np.isfinite(arr.astype(np.float32))):
         raise ValueError(f"{source}: {module}/{name} holds NaN or Inf values; these weights "
                          "cannot be evaluated or trained, use another file")
 
@@ -62,7 +59,7 @@ def merge_params(fresh: Mapping[str, Mapping[str, Any]], loaded: Mapping[str, Ma
       elif tuple(np.shape(got)) != tuple(np.shape(value)):
         problems.append(f"{module}/{name} has shape {tuple(np.shape(got))}, "
                         f"model needs {tuple(np.shape(value))}")
-      elif _is_floating(want_dtype) != _is_floating(np.asarray(got).dtype):
+      elif npz.is_floating(want_dtype) != npz.is_floating(np.asarray(got).dtype):
         problems.append(f"{module}/{name} has dtype {np.asarray(got).dtype}, "
                         f"model needs {want_dtype}")
       else:

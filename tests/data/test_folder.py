@@ -70,7 +70,7 @@ def test_explicit_train_test_folders(tmp_path):
 
 
 def test_test_class_missing_from_train_is_an_error(tmp_path):
-  for split, name in (("train", "a"), ("test", "z")):
+  for split, name in (("train", "a"), ("train", "b"), ("test", "z")):
     (tmp_path / split / name).mkdir(parents=True)
   with pytest.raises(ValueError, match="missing from train"):
     folder.index_folder(str(tmp_path), "test")

@@ -27,7 +27,7 @@ def tiny_params():
 def test_save_load_round_trip_incl_bfloat16(tmp_path, tiny_params):
   params = dict(tiny_params)
   bf16 = np.array([1.0, -2.5, np.nan, 3e38, 1e-40], dtype=ml_dtypes.bfloat16)
-  params["extra"] = {"bf16": bf16, "ints": np.arange(3, dtype=np.int32),
+  params["extra"] = {"bf16": bf16, "f16": np.arange(3, dtype=np.float16),
                      "jax": jnp.ones((2,), jnp.bfloat16)}
   path = tmp_path / "params.weights"  # No .npz suffix: written to exactly this path.
   weights.save_params(path, params)
@@ -107,7 +107,8 @@ def test_a_file_of_another_model_is_refused_before_reading(tmp_path, tiny_params
 
 def test_the_model_description_travels_with_the_params(tmp_path, tiny_params):
   spec = weights.ModelSpec(name="NFNet", num_classes=10, kwargs={"variant": "F0"},
-                           class_names=("cat", "dog"), eval_image_size=224)
+                           class_names=tuple(f"class {k}" for k in range(10)),
+                           eval_image_size=224)
   weights.save_params(tmp_path / "p.npz", tiny_params, model=spec)
   params, got = weights.read_npz(tmp_path / "p.npz")
   assert got == spec and params.keys() == tiny_params.keys()

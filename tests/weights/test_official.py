@@ -141,7 +141,7 @@ def test_structure_is_validated(tmp_path):
   path = tmp_path / "x.pkl"
   for tree, hint in [([np.zeros(2)], "dict of modules"), ({}, "dict of modules"),
                      ({"a": np.zeros(2, np.float32)}, "dict of params"),
-                     ({"a": {"w": np.zeros(2, np.int32)}}, "float numpy array"),
+                     ({"a": {"w": np.zeros(2, np.int32)}}, "params must be floating"),
                      ({"a": {"w": [1.0]}}, "float numpy array")]:
     path.write_bytes(pickle.dumps(tree))
     with pytest.raises(ValueError, match=hint) as info:

@@ -92,6 +92,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except OSError as e:  # --out in a missing or read-only directory, a full disk.
+    print(f"error: cannot write {args.out or args.workdir}: {e.strerror or e}; choose a "
+          "writable --out", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,19 @@
 
 --weights is DeepMind's F*_haiku.npz, one of our npz files, or a run's workdir (its newest
 checkpoint, EMA weights unless --noema). The model comes from the workdir or the npz; for
-files that do not say, from --model/--variant, or --config (a configs/*.py file, whose
-config.model and config.data.eval_* are used). Every image gets its top-k classes with
-probabilities and names; a file that cannot be read is reported on one line and skipped.
+files that do not say, from --model/--variant, or --config (a configs/*.py file, loaded as
+experiment.py loads it, `--config.data.eval_image_size=...` overrides included; its
+config.model and config.data.eval_* are used).
+
+Prints one line per image on stdout, `<file>: <p> <class> | ...` (the top --top classes), and
+on stderr a `skipped <file>: <reason>` line for each file that cannot be used (not an image, a
+FIFO or device, over NFNETS_MAX_IMAGE_PIXELS, unreadable), `progress:` lines while a folder is
+worked through, and a final count. Folders are walked recursively for .jpg/.jpeg/.png/.bmp/.gif
+files. Images are read, preprocessed and classified one batch at a time, so memory does not
+grow with the number of images. Names are printed with control characters escaped. Exit
+status: 0 when at least one image was classified, 1 when none was or on an error (one line),
+2 for a mistake on the command line. The compiled network is kept in the compilation cache
+(nfnets/inference/cache.py), so the next call on the same model starts in seconds.
 """
 
 from __future__ import annotations
@@ -16,121 +26,134 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Optional, Sequence
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
 
 from absl import app
 from absl import flags
-from absl import logging as absl_logging
+from ml_collections import config_flags
 
-_WEIGHTS = flags.DEFINE_string("weights", None, "F*_haiku.npz, our .npz, or a workdir.")
+from nfnets.data import files
+from nfnets.inference import cli
+from nfnets.inference import inputs
+
+_WEIGHTS = flags.DEFINE_string("weights", None, "F*_haiku.npz, our .npz, or a run's workdir.")
 _MODEL = flags.DEFINE_string("model", None, "Model family (default: from the weights).")
 _VARIANT = flags.DEFINE_string("variant", None, "Variant, e.g. F0 (default: from the weights).")
-_CONFIG = flags.DEFINE_string("config", None, "A configs/*.py file describing the model.")
-_TOP = flags.DEFINE_integer("top", 5, "Classes to print per image.")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A configs/*.py file describing the model (optionally ':arg'); override "
+    "fields with --config.a.b=value.", lock_config=True)
+_TOP = flags.DEFINE_integer("top", 5, "Classes to print per image.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Images per forward pass (and in memory).",
+                              lower_bound=1)
 _JSON = flags.DEFINE_string("json", None, "Also write the predictions to this JSON file.")
 _EMA = flags.DEFINE_boolean("ema", True, "For a workdir: the EMA weights (else the raw ones).")
 _FOLD = flags.DEFINE_boolean("fold", False, "Fold weight standardisation (plain convs).")
 
-
-def _classifier():
-  from nfnets.inference import classifier  # pylint: disable=g-import-not-at-top
-  loaded = load_described(_WEIGHTS.value, model=_MODEL.value, variant=_VARIANT.value,
-                          config=_CONFIG.value, ema=_EMA.value)
-  return classifier.Classifier(loaded, batch_size=_BATCH.value, fold=_FOLD.value)
+# Seconds between two progress lines.
+PROGRESS_EVERY_S = 10.0
 
 
-def load_described(weights: str, *, model: Optional[str], variant: Optional[str],
-                   config: Optional[str], ema: bool):
-  """`loading.load_model`, told the model and eval protocol by a config file when given.
+class JsonWriter:
+  """Writes the predictions as they come, to a temporary file renamed into place at the end.
 
-  The command lines' shared loading (`nfnets.predict`, `nfnets.export`). The class count is
-  read off the weights' classifier, not the config's data set; the config's eval resolution
-  and preprocessing replace the weights' own, as the run would have evaluated.
+  The file is opened before any work, so an unwritable --json path fails at once; records are
+  streamed, so memory does not grow with the number of images; a run that fails midway leaves
+  no half-written JSON behind.
   """
-  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  def __init__(self, path: str):
+    self.path = inputs.check_output_file(path, f"--json={path}")
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, self._tmp = tempfile.mkstemp(prefix=".predict-", suffix=".json.tmp", dir=directory)
+    self._file = os.fdopen(handle, "w")
+    self._count = 0
+
+  def start(self, weights: str, image_size: int) -> None:
+    head = json.dumps({"weights": weights, "image_size": image_size})
+    self._file.write(head[:-1] + ', "predictions": [\n')
+
+  def add(self, record: dict[str, Any]) -> None:
+    self._file.write((",\n" if self._count else "") + json.dumps(record))
+    self._count += 1
+
+  def finish(self, skipped: list[dict[str, str]]) -> None:
+    self._file.write('\n], "skipped": ' + json.dumps(skipped, indent=1) + "}\n")
+    self._file.close()
+    os.replace(self._tmp, self.path)
+
+  def discard(self) -> None:
+    self._file.close()
+    if os.path.exists(self._tmp):
+      os.unlink(self._tmp)
+
+
+def _line(path: str, top: Sequence[Any]) -> str:
+  """`<file>: <p> <name> (<synset>) | ...`, names escaped (they come from data set folders)."""
+  shown = " | ".join(f"{s.probability:.3f} {files.printable(s.name)}"
+                     + (f" ({s.synset})" if s.synset else "") for s in top)
+  return f"{files.printable(path)}: {shown}"
+
+
+def predict(paths: Iterable[str], json_writer: Optional[JsonWriter]) -> int:
+  """Prints the top classes of every image (see the module docstring); returns how many."""
+  from nfnets.inference import cache  # pylint: disable=g-import-not-at-top
+  from nfnets.inference import classifier  # pylint: disable=g-import-not-at-top
   from nfnets.inference import loading  # pylint: disable=g-import-not-at-top
-  described = {}
-  if config:
-    options = read_config(config)
-    described = dict(model=options.model.name, model_kwargs=dict(options.model.kwargs))
-  loaded = loading.load_model(weights, model=model or described.get("model"), variant=variant,
-                              model_kwargs=described.get("model_kwargs"), ema=ema)
-  if config:
-    loaded = dataclasses.replace(loaded, spec=dataclasses.replace(
-        loaded.spec, eval_image_size=options.data.eval_image_size,
-        eval_preproc=options.data.eval_preproc))
-  return loaded
-
-
-def read_config(path: str):
-  """ExperimentOptions of a configs/*.py file (optionally 'file.py:arg')."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  from nfnets.train.options import ExperimentOptions  # pylint: disable=g-import-not-at-top
-  file, _, arg = path.partition(":")
-  if not os.path.isfile(file):
-    raise ValueError(f"--config={path}: no such file {file!r}.")
-  spec = importlib.util.spec_from_file_location("nfnets_predict_config", file)
-  module = importlib.util.module_from_spec(spec)
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(file)))
-  if repo not in sys.path:  # configs/ import their shared defaults as `configs.common`.
-    sys.path.insert(0, repo)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
-  return ExperimentOptions.from_config(config)
-
-
-def predict(paths: Sequence[str]) -> list[dict]:
-  """Prints the top classes of every image; returns them as JSON-able records."""
-  from nfnets.inference import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  clf = _classifier()
-  files = classifier_lib.image_files(paths)
-  if not files:
-    raise ValueError("No image given: pass image files or folders of images.")
-  good, batch, skipped = [], [], 0
-  for path in files:
-    try:
-      batch.append(clf.preprocess(path))
-      good.append(path)
-    except ValueError as e:
-      print(f"skipped {e}", file=sys.stderr)
-      skipped += 1
-  records = []
-  if good:
-    import jax  # pylint: disable=g-import-not-at-top
-    probs = np.asarray(jax.nn.softmax(clf.logits_of(np.stack(batch)), axis=-1))
-    for path, p in zip(good, probs):
-      scores = clf.scores(p, _TOP.value)
-      shown = " | ".join(f"{s.probability:.3f} {s.name}" + (f" ({s.synset})" if s.synset else "")
-                         for s in scores)
-      print(f"{path}: {shown}")
-      records.append({"file": path, "top": [
+  cache.enable_compilation_cache()
+  loaded = loading.load_described(_WEIGHTS.value, model=_MODEL.value, variant=_VARIANT.value,
+                                  config=_CONFIG.value, ema=_EMA.value)
+  clf = classifier.Classifier(loaded, batch_size=_BATCH.value, fold=_FOLD.value)
+  del loaded  # The device holds the weights now; the host copy would double the memory.
+  source = files.printable(clf.source)
+  if json_writer:
+    json_writer.start(clf.source, clf.image_size)
+  folders = any(os.path.isdir(p) for p in paths)
+  done, skipped, start, last = 0, [], time.monotonic(), None
+  for prediction in clf.classify(inputs.iter_image_files(paths), k=_TOP.value):
+    if prediction.error:
+      print(f"skipped {prediction.error}", file=sys.stderr)
+      skipped.append({"file": prediction.image, "reason": prediction.error})
+      continue
+    print(_line(prediction.image, prediction.top))
+    done += 1
+    if json_writer:
+      json_writer.add({"file": prediction.image, "top": [
           {"index": s.index, "probability": s.probability, "name": s.name, "synset": s.synset}
-          for s in scores]})
-  print(f"{len(good)} image(s) classified with {clf.source}"
-        + (f", {skipped} skipped" if skipped else ""), file=sys.stderr)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump({"weights": clf.source, "image_size": clf.image_size,
-                 "predictions": records}, f, indent=1)
-  return records
+          for s in prediction.top]})
+    now = time.monotonic()
+    if folders and done % clf.batch_size == 0 and (last is None
+                                                  or now - last >= PROGRESS_EVERY_S):
+      print(f"progress: {done} classified, {len(skipped)} skipped, "
+            f"{done / (now - start):.1f} images/s", file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      last = now
+  print(f"{done} image(s) classified with {source}"
+        + (f", {len(skipped)} skipped" if skipped else ""), file=sys.stderr)
+  if json_writer:
+    json_writer.finish(skipped)
+  return done
 
 
 def main(argv: list[str]) -> None:
-  # orbax logs every restore step at INFO through absl: noise on a command line's console.
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  paths = argv[1:]
+  if not paths:
+    raise cli.UsageError("no image given: pass image files or folders, e.g. python -m "
+                         "nfnets.predict --weights=F0_haiku.npz photo.jpg photos/")
+  cli.release_freed_memory()
+  # The paths the user gave are checked before the model is loaded and compiled.
+  inputs.check_weights_path(_WEIGHTS.value)
+  json_writer = JsonWriter(_JSON.value) if _JSON.value else None
   try:
-    records = predict(argv[1:])
-  except ValueError as e:
-    if os.environ.get("NFNETS_DEBUG") == "1":
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  sys.exit(0 if records else 1)
+    done = predict(paths, json_writer)
+  finally:
+    if json_writer:
+      json_writer.discard()
+  sys.exit(0 if done else 1)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["weights"])
-  app.run(main)
+  app.run(cli.one_line_errors(main), flags_parser=cli.parse_flags)

@@ -170,6 +170,8 @@ def printable(text: str) -> str:
 
 
 def _plain(error: BaseException) -> str:
-  """An exception's first line, without library internals."""
+  """An exception's first line, without library internals (PIL names the buffer it was handed,
+  "cannot identify image file <_io.BytesIO object at 0x7f...>")."""
   text = str(error).strip().splitlines()
-  return printable(text[0][:200]) if text else type(error).__name__
+  line = re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", text[0]) if text else ""
+  return printable(line[:200]) if line else type(error).__name__

@@ -18,6 +18,7 @@ tests and the input-pipeline benchmark.
 import argparse
 import io
 import os
+import sys
 import tarfile
 import time
 from typing import Optional, Sequence
@@ -135,8 +136,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   if args.fake:
     write_fake_imagenet_tars(args.manual_dir)
   start = time.time()
-  builder = prepare_imagenet(args.manual_dir, args.data_dir)
-  counts = {name: split.num_examples for name, split in builder.info.splits.items()}
+  try:
+    builder = prepare_imagenet(args.manual_dir, args.data_dir)
+  except ValueError as e:  # Missing tars: one line saying what to put where.
+    if os.environ.get("NFNETS_DEBUG") == "1":
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  counts = {str(name): split.num_examples for name, split in builder.info.splits.items()}
   print(f"Prepared {IMAGENET_NAME} in {builder.data_path} in "
         f"{time.time() - start:.1f} s: {counts}")
 

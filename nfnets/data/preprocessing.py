@@ -12,6 +12,10 @@ formats (PNG, BMP, GIF) are decoded in full and then sliced.
 
 Outputs are float32 on the 0..255 scale, NOT clipped: bicubic resizing
 overshoots (values like -51 or 337 are expected), as in the paper's pipeline.
+
+The eval protocols have a numpy twin for inference without TensorFlow,
+nfnets/inference/preprocess.py, with the same arithmetic; how the two differ
+(JPEG decoding only) is documented and measured there.
 """
 
 from typing import Callable

@@ -1,14 +1,19 @@
-"""Classify images with a trained NFNet in a few lines.
+"""Classify images with a trained NFNet in a few lines, at any scale, without TensorFlow.
 
   clf = nfnets.Classifier.from_weights('F0_haiku.npz')          # or our npz, or a workdir
   probs, names = clf.predict(['cat.jpg', 'dog.png'])           # [N, classes], top-1 names
   clf.top_k(['cat.jpg'], k=5)                                  # names, synsets, probabilities
+  for p in clf.classify(inputs.iter_image_files(['photos/'])):  # streams, batch by batch
+    print(p.image, p.error or p.top[0].name)
 
-Images are preprocessed by the evaluator's own function (`nfnets.data.preprocessing.
-preprocess_eval`: the paper's square bicubic resize to S + 32 and centre crop S, at the
-variant's test resolution), batched, and run through the network in float32 with
-`is_training=False`. Class names: a folder run's class names from its workdir, ImageNet's 1000
-WordNet names (shipped in `imagenet_classes.tsv`) for 1000-class weights, else class indices.
+Images are read through `nfnets.data.files` (regular files only, the pixel count checked from
+the header before decoding) and preprocessed as the evaluator does, in numpy
+(`preprocess.py`: the paper's square bicubic resize to S + 32 and centre crop S, at the
+variant's test resolution, or the run's own protocol), then run through the network in float32
+with `is_training=False`. Batches are padded to the next power of two (at most `batch_size`),
+so one image costs a batch-1 forward pass and a whole folder reuses a handful of compiled
+programs. Class names: a folder run's class names from its workdir, ImageNet's 1000 WordNet
+names (shipped in `imagenet_classes.tsv`) for 1000-class weights, else class indices.
 """
 
 from __future__ import annotations
@@ -17,14 +22,16 @@ import dataclasses
 import functools
 import importlib.resources
 import os
-from collections.abc import Iterable, Sequence
-from typing import Any, Optional, Union
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nfnets.data import files
 from nfnets.inference import loading
+from nfnets.inference import preprocess as preprocess_lib
 from nfnets.inference.folding import fold_weight_standardization
 from nfnets.models import registry
 
@@ -38,6 +45,20 @@ class ClassScore:
   probability: float
   name: str
   synset: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """What `Classifier.classify` says about one image: its top classes, or why it was skipped.
+
+  Attributes:
+    image: The image as given (a path, bytes or an array).
+    top: Its most probable classes, most probable first (None when skipped).
+    error: One line naming the file and why it could not be read (None when classified).
+  """
+  image: Image
+  top: Optional[tuple[ClassScore, ...]] = None
+  error: Optional[str] = None
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,12 +76,15 @@ class Classifier:
 
   Args:
     loaded: from `nfnets.inference.loading.load_model`.
-    batch_size: images per forward pass (the last batch is padded, then trimmed).
+    batch_size: images per forward pass; a smaller batch is padded to the next power of two
+      (at most batch_size), then trimmed.
     fold: run with weight standardisation folded into the kernels (same logits to ~1e-6,
       fewer ops); NF models only.
   """
 
   def __init__(self, loaded: loading.LoadedModel, batch_size: int = 32, fold: bool = False):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     spec = loaded.spec
     self.spec = spec
     self.source = loaded.source
@@ -91,44 +115,50 @@ class Classifier:
     """The evaluator's preprocessing of one image: float32 [S, S, C], normalised.
 
     Raises:
-      ValueError: the image cannot be read or decoded (names the file).
+      files.UnreadableFileError (a ValueError): the image cannot be read or decoded, or is
+        too large; the message names the file and the reason.
     """
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (the host pipeline's ops)
-    from nfnets.data import preprocessing  # pylint: disable=g-import-not-at-top
-    where = os.fspath(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__
+    where = (files.printable(os.fspath(image)) if isinstance(image, (str, os.PathLike))
+             else type(image).__name__)
     try:
-      if isinstance(image, np.ndarray):
-        pixels = image[..., None] if image.ndim == 2 else image
-        data = tf.io.encode_png(tf.constant(pixels.astype(np.uint8)))  # lossless
-      elif isinstance(image, bytes):
-        data = tf.constant(image)
-      else:
-        with open(image, "rb") as f:
-          data = tf.constant(f.read())
-      out = preprocessing.preprocess_eval(data, method=self.spec.eval_preproc,
-                                          size=self.image_size, channels=self.spec.channels)
-      return out.numpy()
-    except (OSError, tf.errors.OpError, ValueError) as e:
-      reason = getattr(e, "message", None) or getattr(e, "strerror", None) or str(e)
-      raise ValueError(f"{where}: cannot read it as an image ({reason.splitlines()[0]})") from None
+      return preprocess_lib.preprocess_eval(image, method=self.spec.eval_preproc,
+                                            size=self.image_size, channels=self.spec.channels)
+    except FileNotFoundError:
+      raise files.UnreadableFileError(f"{where}: does not exist") from None
+    except PermissionError:
+      raise files.UnreadableFileError(f"{where}: permission denied") from None
+    except OSError as e:
+      raise files.UnreadableFileError(f"{where}: cannot be read ({e.strerror or e})") from None
 
-  def logits(self, images: Sequence[Image]) -> np.ndarray:
-    """float32 [N, num_classes] logits (preprocessing included)."""
-    return self.logits_of(np.stack([self.preprocess(im) for im in images]))
+  def _bucket(self, n: int) -> int:
+    """The padded batch of n images: the next power of two, at most batch_size."""
+    return min(1 << max(n - 1, 0).bit_length(), self.batch_size)
 
   def logits_of(self, batch: np.ndarray) -> np.ndarray:
     """Logits of already preprocessed images [N, S, S, C], in batches of `batch_size`."""
     out = []
     for i in range(0, len(batch), self.batch_size):
-      chunk = batch[i:i + self.batch_size]
-      padded = np.concatenate([chunk, np.zeros((self.batch_size - len(chunk),) + chunk.shape[1:],
-                                               chunk.dtype)]) if len(chunk) < self.batch_size else chunk
-      out.append(np.asarray(self._logits(self._params, self._state, padded))[:len(chunk)])
+      chunk = np.asarray(batch[i:i + self.batch_size], np.float32)
+      count, padded = len(chunk), self._bucket(len(chunk))
+      if padded > count:
+        chunk = np.concatenate([chunk, np.zeros((padded - count,) + chunk.shape[1:], chunk.dtype)])
+      out.append(np.asarray(self._logits(self._params, self._state, chunk))[:count])
+    return np.concatenate(out) if out else np.zeros((0, self.spec.num_classes), np.float32)
+
+  def logits(self, images: Sequence[Image]) -> np.ndarray:
+    """float32 [N, num_classes] logits (preprocessing included), one batch in memory at a time.
+
+    Raises:
+      ValueError: an image cannot be read (see `preprocess`); `classify` skips such images.
+    """
+    images = list(images)
+    out = [self.logits_of(np.stack([self.preprocess(im) for im in images[i:i + self.batch_size]]))
+           for i in range(0, len(images), self.batch_size)]
     return np.concatenate(out) if out else np.zeros((0, self.spec.num_classes), np.float32)
 
   def predict(self, images: Sequence[Image]) -> tuple[np.ndarray, list[str]]:
     """(probabilities [N, num_classes], the top-1 class name of each image)."""
-    probs = np.asarray(jax.nn.softmax(self.logits(images), axis=-1))
+    probs = softmax(self.logits(images))
     return probs, [self.labels[int(i)][1] for i in probs.argmax(-1)]
 
   def top_k(self, images: Sequence[Image], k: int = 5) -> list[list[ClassScore]]:
@@ -136,21 +166,42 @@ class Classifier:
     probs, _ = self.predict(images)
     return [self.scores(p, k) for p in probs]
 
+  def classify(self, images: Iterable[Image], k: int = 5) -> Iterator[Prediction]:
+    """Streams the top-k classes of each image, reading one batch of images at a time.
+
+    Memory stays that of one batch whatever the number of images: pass a generator (e.g.
+    `inputs.iter_image_files`) for a folder of any size. An image that cannot be read is
+    yielded at once with its `error`; the others are yielded after their batch has run, in
+    their order.
+    """
+    pending, batch = [], []
+    for image in images:
+      try:
+        batch.append(self.preprocess(image))
+      except ValueError as e:
+        yield Prediction(image, error=files.printable(str(e)))
+        continue
+      pending.append(image)
+      if len(batch) == self.batch_size:
+        yield from self._scored(pending, batch, k)
+        pending, batch = [], []
+    if batch:
+      yield from self._scored(pending, batch, k)
+
+  def _scored(self, images: list[Image], batch: list[np.ndarray], k: int) -> Iterator[Prediction]:
+    probs = softmax(self.logits_of(np.stack(batch)))
+    for image, p in zip(images, probs):
+      yield Prediction(image, top=tuple(self.scores(p, k)))
+
   def scores(self, probs: np.ndarray, k: int = 5) -> list[ClassScore]:
-    order = np.argsort(-probs)[:k]
+    """The k largest of one image's probabilities, as named classes."""
+    order = np.argsort(-probs, kind="stable")[:k]
     return [ClassScore(int(i), float(probs[i]), self.labels[int(i)][1], self.labels[int(i)][0])
             for i in order]
 
 
-def image_files(paths: Iterable[Union[str, os.PathLike]]) -> list[str]:
-  """The files named, and the image files under the folders named (sorted, recursively)."""
-  from nfnets.data.folder import IMAGE_EXTENSIONS  # pylint: disable=g-import-not-at-top
-  out = []
-  for path in map(os.fspath, paths):
-    if os.path.isdir(path):
-      for root, _, names in sorted(os.walk(path)):
-        out += [os.path.join(root, n) for n in sorted(names)
-                if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
-    else:
-      out.append(path)
-  return out
+def softmax(logits: np.ndarray) -> np.ndarray:
+  """Class probabilities of float32 logits [N, classes] (numpy: nothing to compile)."""
+  z = np.asarray(logits, np.float64)
+  z = np.exp(z - z.max(axis=-1, keepdims=True))
+  return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)

@@ -10,7 +10,11 @@ kwargs, class names, evaluation resolution and protocol), its parameters and its
 * DeepMind's `F*_haiku.npz` pickle: an NFNet whose variant is read off the parameter tree
   (blocks per stage and widths), checked against that variant's shapes.
 
-`model=`/`variant=` (or a whole `ModelOptions`) override or supply what a file does not say.
+`model=`/`variant=` (or a whole `ModelOptions`) override or supply what a file does not say;
+`load_described` lets an experiment config (a configs/*.py file, loaded by ml_collections as
+`experiment.py` loads it) say it, with the config's evaluation resolution and protocol. Weights
+that are not floating point (refused by the readers in `nfnets.weights`) or hold NaN/Inf are
+refused by name: they would evaluate to garbage without an error.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nfnets import weights as weights_lib
+from nfnets.inference import inputs
 from nfnets.models import registry
 from nfnets.models.nfnet import NFNet
 from nfnets.weights.npz import ModelSpec
@@ -128,8 +133,8 @@ def _from_workdir(workdir: str, ema: bool) -> LoadedModel:
 
 
 def load_model(path: str, *, model: Optional[str] = None, variant: Optional[str] = None,
-         model_kwargs: Optional[dict] = None, num_classes: Optional[int] = None,
-         ema: bool = True) -> LoadedModel:
+               model_kwargs: Optional[dict] = None, num_classes: Optional[int] = None,
+               ema: bool = True) -> LoadedModel:
   """The model and parameters at `path` (a workdir, our npz, or DeepMind's pickle).
 
   Args:
@@ -143,9 +148,7 @@ def load_model(path: str, *, model: Optional[str] = None, variant: Optional[str]
   Returns:
     The `LoadedModel`.
   """
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise ValueError(f"{path} does not exist; pass a weights file (.npz) or a run's workdir.")
+  path = inputs.check_weights_path(path)
   if os.path.isdir(path):
     loaded = _from_workdir(path, ema)
     spec, params, state = loaded.spec, loaded.params, loaded.state
@@ -182,6 +185,56 @@ def load_model(path: str, *, model: Optional[str] = None, variant: Optional[str]
   return LoadedModel(spec, params, state, source)
 
 
+def read_config(path: str) -> Any:
+  """The ConfigDict of a configs/*.py file ('file.py' or 'file.py:arg'), as experiment.py reads it.
+
+  Loaded by ml_collections' config-file parser (what `config_flags.DEFINE_config_file` runs),
+  and locked, as experiment.py's. The config files import their shared defaults as
+  `configs.common`, so the repository root must be importable: the current directory when
+  commands run from it, else PYTHONPATH.
+  """
+  # The parser class behind DEFINE_config_file (public, in the package's own module).
+  from ml_collections.config_flags import config_flags  # pylint: disable=g-import-not-at-top
+  inputs.check_config_path(path)
+  try:
+    return config_flags.ConfigFileFlagParser("config", lock_config=True).parse(path)
+  except ImportError as e:
+    raise ValueError(inputs.config_import_message(path, e)) from None
+
+
+def load_described(weights: str, *, model: Optional[str] = None,
+                   variant: Optional[str] = None, config: Union[None, str, Any] = None,
+                   ema: bool = True) -> LoadedModel:
+  """`load_model`, told the model and evaluation protocol by an experiment config if given.
+
+  Args:
+    weights: DeepMind's file, our npz or a run's workdir.
+    model: A family of `nfnets.models.MODELS` (overrides the config's and the file's).
+    variant: The family's variant (overrides the config's and the file's).
+    config: None, a configs/*.py path ('file.py[:arg]') or its loaded ConfigDict: its
+      config.model gives the network, its config.data.eval_image_size / eval_preproc the
+      evaluation, as that run would have evaluated. The class count is read off the weights'
+      classifier, not the config's data set.
+    ema: For a workdir: the EMA weights (else the raw ones).
+
+  Returns:
+    The `LoadedModel`.
+  """
+  options = None
+  if config is not None:
+    from nfnets.train.options import ExperimentOptions  # pylint: disable=g-import-not-at-top
+    options = ExperimentOptions.from_config(read_config(config) if isinstance(config, str)
+                                            else config)
+  loaded = load_model(weights, model=model or (options.model.name if options else None),
+                      variant=variant,
+                      model_kwargs=dict(options.model.kwargs) if options else None, ema=ema)
+  if options is not None:
+    loaded = dataclasses.replace(loaded, spec=dataclasses.replace(
+        loaded.spec, eval_image_size=options.data.eval_image_size,
+        eval_preproc=options.data.eval_preproc))
+  return loaded
+
+
 def eval_size(spec: ModelSpec) -> int:
   """The evaluation resolution: the spec's, else its variant's test_imsize."""
   if spec.eval_image_size:
@@ -205,3 +258,29 @@ def workdir_params(workdir: str, ema: bool = True) -> tuple[dict, ModelSpec]:
   """A run's (EMA) parameters and its ModelSpec, ready for `nfnets.weights.save_params`."""
   loaded = load_model(workdir, ema=ema)
   return loaded.params, loaded.spec
+
+
+def read_source(path: str, ema: bool = True) -> tuple[Optional[ModelSpec], dict, dict, str]:
+  """(spec or None, params, state, description) of any weights source, nothing assumed.
+
+  The spec is what the source itself records: a workdir's config, our npz's ModelSpec, or the
+  NFNet variant read off DeepMind's parameter tree; None when it records nothing (then the
+  caller's config describes the model).
+  """
+  from nfnets import paths  # pylint: disable=g-import-not-at-top
+  where = paths.resolve(path)
+  if not where.exists():
+    raise ValueError(f"{path} does not exist; pass a weights file (.npz) or a run's workdir.")
+  if where.is_dir():
+    loaded = _from_workdir(os.fspath(where), ema)
+    return loaded.spec, loaded.params, loaded.state, loaded.source
+  local = paths.local(path)
+  if _is_zip(local):
+    params, spec = weights_lib.read_npz(local)
+  else:
+    params = weights_lib.load_official(local)
+    try:
+      spec = infer_nfnet_spec(params, local)
+    except ValueError:
+      spec = None
+  return spec, params, {}, local

@@ -39,12 +39,15 @@ def test_prepared_splits_and_format(tiny_imagenet):
   assert labels == [0] * 4 + [1] * 4 + [2] * 4
 
 
-def test_missing_tars_raise_with_instructions_before_writing(tmp_path):
+def test_missing_tars_raise_with_instructions_before_writing(tmp_path, capsys):
   with pytest.raises(ValueError, match="ILSVRC2012_img_train.tar"):
     prepare_imagenet.prepare_imagenet(str(tmp_path), str(tmp_path / "tfds"))
-  with pytest.raises(ValueError, match="prepare_imagenet"):
+  with pytest.raises(SystemExit) as exit_info:  # The command: one line, no traceback.
     prepare_imagenet.main(["--manual_dir", str(tmp_path), "--data_dir",
                            str(tmp_path / "tfds")])
+  assert exit_info.value.code == 1
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith("error: ") and "prepare_imagenet" in line
   assert not (tmp_path / "tfds").exists()
 
 

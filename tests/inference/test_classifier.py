@@ -1,22 +1,22 @@
-"""Tests for nfnets.inference (loading + Classifier) and the `python -m nfnets.predict` CLI."""
+"""Tests for nfnets.inference (loading, inputs, Classifier) and predict with a config or workdir.
+
+The command's handling of files, folders and mistakes is in test_predict.py.
+"""
 
 import dataclasses
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from command_helpers import REPO, run
 from photos import photo
 from inference_helpers import TINY, random_params
 from nfnets import weights
-from nfnets.inference import classifier, loading
+from nfnets.inference import classifier, inputs, loading
 from nfnets.weights.npz import ModelSpec
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +39,8 @@ def files(tmp_path_factory):
   return root
 
 
-def _predict(*args, files_dir):
-  cmd = [sys.executable, "-m", "nfnets.predict", *args]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
 def test_python_api_matches_the_readme_snippet(files):
-  clf = classifier.Classifier.from_weights(files / "tiny.npz")
+  clf = classifier.Classifier.from_weights(files / "tiny.npz", batch_size=4)
   probs, names = clf.predict([str(files / "grace.jpg"), photo("flower")])
   assert probs.shape == (2, 1000) and np.allclose(probs.sum(-1), 1, atol=1e-5)
   # 1000 classes: ImageNet's names, in label order, with their synsets.
@@ -56,11 +50,66 @@ def test_python_api_matches_the_readme_snippet(files):
   (top,) = clf.top_k([str(files / "grace.jpg")], k=5)
   assert [s.index for s in top] == list(np.argsort(-probs[0])[:5])
   assert top[0].synset == synsets[top[0].index]
-  with pytest.raises(ValueError, match="broken.jpg: cannot read it as an image"):
+  with pytest.raises(ValueError, match="broken.jpg: not a readable image"):
     clf.preprocess(str(files / "more" / "broken.jpg"))
+  with pytest.raises(ValueError, match="nope.jpg: does not exist"):
+    clf.preprocess(str(files / "nope.jpg"))
 
 
-def test_loading_infers_or_is_told_the_model(files):
+def test_a_padded_batch_gives_each_image_its_own_logits(files):
+  """Batches are padded to a power of two: one image alone, or among others, same logits."""
+  clf = classifier.Classifier.from_weights(files / "tiny.npz", batch_size=4)
+  images = [str(files / "grace.jpg"), str(files / "china.png"), str(files / "more/flower.jpg")]
+  together = clf.logits(images)  # One batch of 3, padded to 4.
+  alone = np.concatenate([clf.logits([im]) for im in images])  # Batches of 1, unpadded.
+  np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
+  assert [clf._bucket(n) for n in (1, 2, 3, 4)] == [1, 2, 4, 4]  # pylint: disable=protected-access
+  assert classifier.Classifier.from_weights(files / "tiny.npz", batch_size=6)._bucket(5) == 6  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="batch_size must be at least 1"):
+    classifier.Classifier.from_weights(files / "tiny.npz", batch_size=0)
+
+
+def test_classify_streams_and_reports_each_unreadable_image(files):
+  clf = classifier.Classifier.from_weights(files / "tiny.npz", batch_size=2)
+  consumed = []
+
+  def images():  # A generator: classify must not need the whole list.
+    for path in inputs.iter_image_files([files / "grace.jpg", files / "more",
+                                         files / "missing.png"]):
+      consumed.append(path)
+      yield path
+
+  stream = clf.classify(images(), k=3)
+  first = next(stream)
+  # The first batch (grace + broken, which is skipped at once) ran before the rest was read.
+  assert first.error and "broken.jpg: not a readable image" in first.error
+  assert len(consumed) == 2
+  rest = list(stream)
+  assert [os.path.basename(p.image) for p in rest] == ["grace.jpg", "flower.jpg", "missing.png"]
+  assert [p.error is None for p in rest] == [True, True, False]
+  assert all(len(p.top) == 3 for p in rest if not p.error)
+  want = clf.top_k([str(files / "more" / "flower.jpg")], k=3)[0]
+  assert [s.index for s in rest[1].top] == [s.index for s in want]
+
+
+def test_iter_image_files_walks_sorted_and_lazily(tmp_path):
+  for name in ("b/2.png", "b/1.JPG", "a.jpeg", ".hidden.jpg", "notes.txt", ".git/x.png",
+               "c/d/e.gif"):
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_bytes(b"")
+  found = [os.path.relpath(p, tmp_path) for p in inputs.iter_image_files([tmp_path])]
+  assert found == ["a.jpeg", "b/1.JPG", "b/2.png", "c/d/e.gif"]
+  # Named files are kept whatever their name (a missing one too: the reader reports it).
+  assert list(inputs.iter_image_files([tmp_path / "notes.txt", "gone.png"])) == [
+      str(tmp_path / "notes.txt"), "gone.png"]
+
+
+def test_image_extensions_are_the_training_folders():
+  from nfnets.data import folder  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  assert inputs.IMAGE_EXTENSIONS == folder.IMAGE_EXTENSIONS
+
+
+def test_loading_infers_or_is_told_the_model(files, tmp_path):
   with pytest.raises(ValueError, match="match no NFNet variant; pass --variant"):
     loading.load_model(str(files / "tiny_haiku.npz"))  # A tiny tree is no F-variant.
   loaded = loading.load_model(str(files / "tiny_haiku.npz"), model="NFNet",
@@ -70,52 +119,72 @@ def test_loading_infers_or_is_told_the_model(files):
     loading.load_model(str(files / "tiny.npz"), variant="F0")
   with pytest.raises(ValueError, match="does not exist"):
     loading.load_model(str(files / "nope.npz"))
+  with pytest.raises(ValueError, match="is not a run's workdir"):
+    loading.load_model(str(tmp_path))
+  # int32 weights would run as garbage: refused, by name.
+  params = random_params("NFNet", num_classes=1000)
+  params["NFNet/~/linear"]["w"] = params["NFNet/~/linear"]["w"].astype(np.int32)
+  with open(tmp_path / "int_haiku.npz", "wb") as f:
+    pickle.dump(params, f)
+  with pytest.raises(ValueError, match=r"int_haiku.npz: NFNet/~/linear/w .*int32"):
+    loading.load_model(str(tmp_path / "int_haiku.npz"), model="NFNet",
+                       model_kwargs=TINY["NFNet"])
 
 
-@pytest.mark.parametrize("weights_file,extra", [
-    ("tiny.npz", []),  # Our npz says which model it is.
-    ("tiny_haiku.npz", ["--config=configs/fake_data.py"]),  # A config describes the model.
-])
-def test_cli_prints_five_classes_per_image_and_skips_what_it_cannot_read(files, weights_file,
-                                                                          extra):
-  out_json = files / f"{weights_file}.json"
-  proc = _predict(f"--weights={files / weights_file}", f"--json={out_json}", *extra,
-                  str(files / "grace.jpg"), str(files / "china.png"), str(files / "more"),
-                  files_dir=files)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  lines = [l for l in proc.stdout.splitlines() if l.strip()]
-  assert len(lines) == 3  # grace, china, flower: one line each.
-  assert all(line.count(" | ") == 4 for line in lines)  # Five classes.
-  skipped = [l for l in proc.stderr.splitlines() if l.startswith("skipped ")]
-  assert len(skipped) == 1 and "broken.jpg" in skipped[0]
-  result = json.load(open(out_json))
-  records = result["predictions"]
-  # The same model and protocol in Python (the fake-data config evaluates at 32 px too).
-  loaded = loading.load_model(str(files / weights_file), model="NFNet",
+def test_load_described_reads_the_config_as_experiment_py_does(files):
+  from nfnets.train.options import ExperimentOptions  # pylint: disable=g-import-not-at-top
+  config = loading.read_config(os.path.join(REPO, "configs", "fake_data.py"))
+  assert config.data.eval_image_size == 32
+  with pytest.raises(AttributeError):  # Locked, as experiment.py's: a misspelt key fails.
+    config.data.eval_imagesize = 64
+  with config.unlocked():
+    config.data.eval_image_size = 48
+    config.data.eval_preproc = "resize_only"
+  loaded = loading.load_described(str(files / "tiny_haiku.npz"), config=config)
+  assert loaded.spec.kwargs == dict(ExperimentOptions.from_config(config).model.kwargs)
+  assert (loaded.spec.eval_image_size, loaded.spec.eval_preproc) == (48, "resize_only")
+  with pytest.raises(ValueError, match="no such file"):
+    loading.read_config("configs/nope.py")
+
+
+def test_cli_with_a_config_and_an_override(files):
+  # DeepMind's format says nothing about the model: the config does, and an override on the
+  # command line changes its evaluation protocol, as with experiment.py.
+  out_json = files / "config.json"
+  proc = run(["-m", "nfnets.predict", f"--weights={files / 'tiny_haiku.npz'}",
+              f"--json={out_json}", "--config=configs/fake_data.py",
+              "--config.data.eval_preproc=resize_only", str(files / "grace.jpg"),
+              str(files / "china.png")])
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.lines()
+  assert len(lines) == 2 and all(line.count(" | ") == 4 for line in lines)
+  result = json.loads(out_json.read_text())
+  assert result["image_size"] == 32 and result["skipped"] == []
+  loaded = loading.load_model(str(files / "tiny_haiku.npz"), model="NFNet",
                               model_kwargs=TINY["NFNet"])
-  loaded = dataclasses.replace(loaded, spec=dataclasses.replace(loaded.spec,
-                                                                eval_image_size=32))
-  clf = classifier.Classifier(loaded)
-  assert result["image_size"] == 32
-  for record in records:
-    top = record["top"]
-    assert len(top) == 5 and 0.0 < sum(t["probability"] for t in top) <= 1.0 + 1e-6
+  clf = classifier.Classifier(dataclasses.replace(loaded, spec=dataclasses.replace(
+      loaded.spec, eval_image_size=32, eval_preproc="resize_only")))
+  paper = classifier.Classifier(dataclasses.replace(loaded, spec=dataclasses.replace(
+      loaded.spec, eval_image_size=32, eval_preproc="resize_crop_32")))
+  for record in result["predictions"]:
     probs, names = clf.predict([record["file"]])
-    assert top[0]["index"] == int(probs.argmax()) and top[0]["name"] == names[0]
-    assert top[0]["synset"].startswith("n")
-    np.testing.assert_allclose(top[0]["probability"], probs.max(), rtol=1e-5)
+    assert record["top"][0]["index"] == int(probs.argmax())
+    assert record["top"][0]["name"] == names[0] and record["top"][0]["synset"].startswith("n")
+    np.testing.assert_allclose(record["top"][0]["probability"], probs.max(), rtol=1e-5)
+    # The override took effect: the paper's protocol gives other probabilities.
+    assert abs(paper.predict([record["file"]])[0].max() - probs.max()) > 1e-6
 
 
 def test_cli_classifies_with_a_run_workdir_and_keeps_the_console_clean(files):
   # The committed workdir of an earlier version (tests/fixtures): the model comes from its
   # config.json, the weights from its newest checkpoint (EMA).
   workdir = os.path.join(REPO, "tests", "fixtures", "legacy_workdir")
-  proc = _predict(f"--weights={workdir}", str(files / "grace.jpg"), files_dir=files)
+  proc = run(["-m", "nfnets.predict", f"--weights={workdir}", str(files / "grace.jpg")])
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  lines = [l for l in proc.stdout.splitlines() if l.strip()]
+  lines = proc.lines()
   assert len(lines) == 1 and lines[0].count(" | ") == 4, lines
   assert "classified with " + workdir + " (step 6, EMA weights)" in proc.stderr
   # orbax reports every restore step at INFO through absl ("I1202 13:30:55 ... checkpoint_
-  # manager.py ..."): seen on the console before, hidden now.
+  # manager.py ..."): not on the console.
   noisy = [l for l in proc.stderr.splitlines() if ".py:" in l and l[:1] in "IW" and l[1:5].isdigit()]
   assert not noisy, noisy[:3]

@@ -3,18 +3,19 @@
   python experiment.py --config=configs/demo.py --workdir=workdirs/demo
   python experiment.py --config=configs/nfnet_f0.py --workdir=DIR --config.train.batch_size=1024
   python experiment.py --config=configs/nfnet_f0.py --workdir=DIR --mode=eval \\
-      --config.init.official_weights=F0_haiku.npz
+      --config.init.weights=F0_haiku.npz
   python experiment.py --workdir=DIR --mode=eval       # the run's own config.json, from DIR
-  python experiment.py --config=configs/nfnet_f3.py --workdir=DIR --mode=plan \\
+  python experiment.py --config=configs/nfnet_f3.py --mode=plan \\
       --config.plan.device_memory_gb=80 --config.plan.num_devices=8
 
-Modes: 'train', 'eval' (the workdir's latest checkpoint, else config.init weights),
-'train_and_eval' (periodic + final eval) and 'plan' (memory, FLOPs and input rate of the
-config, without data). The config file is locked, so a misspelt or mistyped `--config.x=y`
-fails before anything is built. Without --config, the workdir's saved config.json is used
-(overrides still apply). Everything goes under --workdir (see nfnets/train/workdir.py); only
-host 0 writes. All the work is done by `nfnets.train.loop.run`; this file parses flags and
-turns the errors a user can fix into one line each.
+Modes: 'train', 'eval' (the workdir's newest verified checkpoint, else config.init.weights;
+reads the workdir only and writes its result to <workdir>/eval/), 'train_and_eval' (periodic +
+final eval) and 'plan' (memory, FLOPs and input rate of the config, without data or a
+workdir). The config file is locked, so a misspelt or mistyped `--config.x=y` fails before
+anything is built. Without --config, the workdir's saved config.json is used (overrides still
+apply). --workdir may be local or gs:// (see nfnets/train/workdir.py). All the work is done by
+`nfnets.train.loop.run`; this file parses flags and turns the errors a user can fix into one
+line each (NFNETS_DEBUG=1 shows the traceback).
 
 Several processes: NFNETS_DISTRIBUTED=1 (or config.distributed=True) calls
 jax.distributed.initialize(), from the cluster environment or, for explicit setups,
@@ -46,7 +47,8 @@ _WORKDIR_CONFIG = os.path.join(REPO, "configs", "workdir.py")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a configs/*.py file (optionally ':arg'); override fields with "
     "--config.a.b=value. Default: the --workdir's saved config.json.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output root: checkpoints, logs, config.json.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output root (local or gs://): checkpoints, "
+                                "logs, config.json. Not needed for --mode=plan.")
 _MODE = flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval", "plan"],
                           "What to run.")
 
@@ -61,14 +63,18 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.WARNING)  # Hide JAX's backend-probing INFO lines.
   from nfnets.train import loop
+  from nfnets.train import metrics
   from nfnets.train import options as options_lib
   try:
+    if _CONFIG.value is None:
+      raise ValueError("pass --config=configs/<name>.py (e.g. configs/demo.py), or the "
+                       "--workdir of a run to use its saved config.")
     options = options_lib.ExperimentOptions.from_config(_CONFIG.value)
     loop.run(options, _WORKDIR.value, _MODE.value)
   except signals.StopRequested as e:
     print(e)
     sys.exit(0)
-  except (ValueError, loop.NonFiniteError) as e:
+  except (ValueError, metrics.NonFiniteError) as e:
     # Configuration, data and workdir problems are the user's to fix: one line, no traceback
     # (NFNETS_DEBUG=1 re-raises for the full traceback).
     if os.environ.get("NFNETS_DEBUG") == "1":
@@ -77,8 +83,18 @@ def main(argv: list[str]) -> None:
   except OSError as e:  # A full disk, a vanished mount: say which file, keep what is saved.
     if os.environ.get("NFNETS_DEBUG") == "1":
       raise
-    _fail(f"{type(e).__name__}: {e.strerror or e} ({e.filename or 'no file name'}); free space "
-          "or fix the path, then rerun: the last checkpoint is kept.")
+    _fail(_os_error_line(e))
+
+
+def _os_error_line(error: OSError) -> str:
+  """One line for a failed file operation, naming the cause (a full disk first)."""
+  import errno  # pylint: disable=g-import-not-at-top
+  where = error.filename or "no file name"
+  if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    return (f"no space left on the device holding {where}; free space (or point --workdir "
+            "elsewhere), then rerun: the last checkpoint is kept.")
+  return (f"{type(error).__name__}: {error.strerror or error} ({where}); fix the path or its "
+          "permissions, then rerun: the last checkpoint is kept.")
 
 
 def _config_argv(argv: list[str]) -> list[str]:
@@ -128,5 +144,4 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
   app.run(main, flags_parser=parse_flags)

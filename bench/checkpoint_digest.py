@@ -11,7 +11,8 @@ values (weights do not compress). Timed, best of --repeats, on the same files:
   and sealed (`wait`: orbax commit + the file digests read back from disk);
 * the digest parts alone: the array digests (in the training thread) and `seal` (the file
   digests, in a background thread);
-* restore: `restore_latest` (orbax read + both verifications), and the verifications alone.
+* restore: `restore_latest` (orbax read + both verifications), and the verifications alone;
+* a reader's partial restore (`read_weights`: the parameters alone, verified).
 
 Prints a table and writes bench/results/checkpoint_digest_<date>.json with the load average.
 """
@@ -34,13 +35,15 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from nfnets.models import registry  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.train import checkpoints  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets.train import integrity  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.train.options import CheckpointOptions  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def f0_state(seed: int = 0) -> dict:
-  """{'params', 'momentum', 'ema_params', 'step'} with F0's parameter shapes, random values."""
+  """{'params', 'momentum', 'ema_params', 'step'} with F0's parameter shapes, random values
+  (the fields of a TrainState the size of F0's, saved under the same leaf paths)."""
   forward = registry.make_forward("NFNet", 1000, variant="F0")
   shapes = jax.eval_shape(lambda: forward.init(jax.random.key(0), jnp.zeros((1, 192, 192, 3)),
                                                is_training=True)[0])
@@ -69,7 +72,7 @@ def main() -> None:
   state = f0_state()
   leaves = jax.tree_util.tree_leaves(state)
   nbytes = sum(x.nbytes for x in leaves)
-  arrays = {f"{i:05d}": x for i, x in enumerate(leaves)}
+  arrays = integrity.leaves_by_path(state)
   options = CheckpointOptions(every_steps=0, every_seconds=0.0, keep=2)
 
   results = {"save_blocking_s": float("inf"), "save_committed_s": float("inf"),
@@ -92,10 +95,15 @@ def main() -> None:
     reader.close()
     assert step == 1 and not reader.unreadable, reader.unreadable
     del restored
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state["params"])
+    start = time.perf_counter()
+    checkpoints.read_weights(directory, {"params": shapes, "state": {}}, ema=False)
+    results["read_weights_s"] = min(results.get("read_weights_s", float("inf")),
+                                    time.perf_counter() - start)
   step_dir = os.path.join(root, "run0", "1")
-  results["array_digests_s"] = best_of(args.repeats, lambda: checkpoints._digests(arrays))  # pylint: disable=protected-access
-  results["file_digests_seal_s"] = best_of(args.repeats, lambda: checkpoints.seal(step_dir))
-  results["verify_files_s"] = best_of(args.repeats, lambda: checkpoints.verify_files(step_dir))
+  results["array_digests_s"] = best_of(args.repeats, lambda: integrity.digests(arrays))
+  results["file_digests_seal_s"] = best_of(args.repeats, lambda: integrity.seal(step_dir))
+  results["verify_files_s"] = best_of(args.repeats, lambda: integrity.verify_files(step_dir))
   load_after = os.getloadavg()
   shutil.rmtree(root, ignore_errors=True)
 

@@ -3,15 +3,17 @@
 Layout: FOLDER/<class_name>/*.jpg (a held-out `data.folder_test_fraction` of each class is
 used for evaluation), or FOLDER/train/<class>/... and FOLDER/test/<class>/... .
 
-Command (DeepMind's released F0 file; our own `weights.save_params` npz works with
---config.init.params_path=... instead):
+Command (--config.init.weights takes DeepMind's F*_haiku.npz, our npz, or a run's workdir):
 
   python experiment.py --config=configs/finetune_folder.py --workdir=workdirs/finetune \\
-      --config.data.folder=FOLDER --config.init.official_weights=F0_haiku.npz
+      --config.data.folder=FOLDER --config.init.weights=F0_haiku.npz
 
-What it does: loads every parameter except the top-level classifier ('NFNet/~/linear', which
-has 1000 outputs), whose fresh N(0, 0.01) init is kept for the folder's classes
-(init.drop_head=True); the number of classes is read from the folder (data.num_classes=None).
+What it does: the architecture comes from the weights (an F3 file fine-tunes an F3; a workdir
+its own model), with this file's dropout and stochastic depth; every parameter is loaded except
+the classifier, re-initialised for the folder's classes (the number of classes is read from the
+folder: data.num_classes=None); a grey model's input convolution is adapted to colour images
+(and back). The train/test resolution is F0's 192/256 px unless overridden
+(--config.data.image_size=..., --config.data.eval_image_size=...).
 Small lr (0.01 per 256, peak 0.005 at batch 128), 10 epochs, AGC 0.01, EMA 0.999, light
 augmentation (inception crop + flip), float32, train/test at the F0 192/256 px.
 Expected: depends on your data; a few hundred images per class typically give well above the
@@ -27,7 +29,6 @@ from configs import common
 def get_config() -> ml_collections.ConfigDict:
   """Returns the fine-tuning config (NFNet-F0 by default)."""
   config = common.nfnet_variant_config("F0")
-  config.init.drop_head = True
   config.data.name = "folder"
   config.data.num_classes = None  # Whatever the folder holds.
   config.data.randaugment = ""

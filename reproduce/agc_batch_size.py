@@ -54,6 +54,7 @@ from nfnets.models.variants import ResNetVariant
 from nfnets.train import agc as agc_lib
 from nfnets.train import evaluation
 from nfnets.train import loop
+from nfnets.train import mesh as mesh_lib
 from nfnets.train import optim
 from nfnets.train import state as state_lib
 from nfnets.train import step as step_lib
@@ -159,6 +160,11 @@ def make_optimizer(study: StudyConfig, clipping: Optional[float], batch_size: in
   return optax.chain(agc, sgd), schedule
 
 
+def one_device_mesh():
+  """The study runs on one device (its batch sizes are global and small)."""
+  return mesh_lib.make_mesh(jax.devices()[:1])
+
+
 def materialise(iterator, num_batches: int) -> list[dict[str, np.ndarray]]:
   """Reads `num_batches` batches once, so every lambda trains on identical data."""
   return [next(iterator) for _ in range(num_batches)]
@@ -167,14 +173,15 @@ def materialise(iterator, num_batches: int) -> list[dict[str, np.ndarray]]:
 def train_one(study: StudyConfig, step_fn, optimizer, forward, seed: int, train_batches,
               eval_step, eval_batches) -> dict[str, Any]:
   """One training run (the library's step loop); returns its accuracy, loss and clip record."""
-  ts = state_lib.replicate(state_lib.init_train_state(
-      forward, optimizer, seed, (study.image_size, study.image_size, 1)))
+  mesh = step_fn.mesh
+  ts = state_lib.init_train_state(forward, optimizer, seed,
+                                  (study.image_size, study.image_size, 1), mesh)
   start = time.time()
   losses, clipped = [], []
 
-  def after_step(step: int, rts, metrics) -> bool:
-    del rts
-    metrics = state_lib.unreplicate(metrics)
+  def after_step(step: int, ts, metrics) -> bool:
+    del ts
+    metrics = mesh_lib.host_copy(metrics)
     losses.append(float(metrics['loss']))
     clipped.append(float(metrics.get('agc/fraction_clipped', 0.0)))
     # Non-finite weights cannot recover; stop instead of spending the remaining steps.
@@ -182,13 +189,14 @@ def train_one(study: StudyConfig, step_fn, optimizer, forward, seed: int, train_
 
   ts, _, stopped = loop.run_steps(step_fn, ts, train_batches, 0, len(train_batches), after_step)
   diverged_at = len(losses) - 1 if stopped else None
-  params = state_lib.unreplicate(ts.params)
-  state = state_lib.unreplicate(ts.state)
+  params = mesh_lib.host_copy(ts.params)
+  state = mesh_lib.host_copy(ts.state)
   finite_params = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
   diverged = diverged_at is not None or not finite_params
   # argmax of NaN logits is meaningless: a diverged run scores chance level (10 classes).
   accuracy = 0.1 if diverged else evaluation.evaluate(
-      eval_step, {'': state_lib.replicate((params, state))}, eval_batches)['top_1_acc']
+      eval_step, {'': mesh_lib.replicate((params, state), mesh)}, eval_batches,
+      mesh)['top_1_acc']
   return {'seed': seed, 'steps': len(losses), 'test_top1': accuracy, 'diverged': diverged,
           'diverged_at_step': diverged_at, 'final_train_loss': losses[-1],
           'min_train_loss': float(np.nanmin(losses)),
@@ -218,7 +226,7 @@ def run_batch_size(study: StudyConfig, batch_size: int, batches_by_seed, eval_st
         step_fn = step_lib.make_train_step(
             forward, optimizer, schedule, TrainOptions(label_smoothing=0.0, bfloat16=False),
             10, ema_decay=0.99, augment=augment_batch.make_augment(
-                data_config('', study.image_size, 0)))
+                data_config('', study.image_size, 0)), mesh=one_device_mesh())
       result = {'batch_size': batch_size, 'clipping': clipping,
                 'peak_lr': study.peak_lr(batch_size), 'total_steps': total_steps}
       result.update(train_one(study, step_fn, optimizer, forward, seed,
@@ -327,9 +335,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   dconfig = data_config(args.data_dir, study.image_size, study.seeds[0])
   num_train = pipeline.dataset_info(dconfig).num_train
   eval_batches = list(pipeline.build_eval_iterator(
-      dconfig, global_batch_size=500, host_index=0, host_count=1, local_device_count=1))
+      dconfig, global_batch_size=500, host_index=0, host_count=1))
   forward = make_forward(study)
-  eval_step = step_lib.make_eval_step(forward, 10)
+  eval_step = step_lib.make_eval_step(forward, 10, mesh=one_device_mesh())
   results = []
   payload = {'study': dataclasses.asdict(study), 'machine': outputs.machine_note(),
              'results': results}
@@ -338,7 +346,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     steps = math.ceil(study.epochs * num_train / batch_size)
     batches_by_seed = {seed: materialise(pipeline.build_train_iterator(
         data_config(args.data_dir, study.image_size, seed), global_batch_size=batch_size,
-        host_index=0, host_count=1, local_device_count=1), steps) for seed in study.seeds}
+        rows=(0, batch_size)), steps) for seed in study.seeds}
     print(f'B={batch_size}: {steps} steps x {len(study.seeds)} seeds, data ready in '
           f'{time.time() - t0:.1f} s', flush=True)
     results.extend(run_batch_size(study, batch_size, batches_by_seed, eval_step, eval_batches,

@@ -4,9 +4,11 @@ The official pipeline decodes two input images per output example and mixes with
 *device's* batch: of the 2B inputs, the first quarter is mixed with the second into B/2 MixUp
 outputs and the third with the fourth into B/2 CutMix outputs, every output with its own
 MixUp ratio r ~ Beta(alpha, alpha) and its own CutMix box. Here that happens inside the train
-step (`nfnets.augment.make_augment`), keyed by the step's per-device key, so every device
-shard holds both kinds, no two examples share a ratio or a box, and a resumed run redraws
-exactly the same ones.
+step (`nfnets.augment.make_augment`). The pairing and the draws happen inside fixed-size *groups*
+of the global batch (`data.mix_group_size` outputs, the paper's per-core batch by default; every
+device holds whole groups): group g is mixed with the key fold_in(step key, g), so every group
+holds both kinds, no two examples share a ratio or a box, a resumed run redraws exactly the same
+ones, and the draws do not depend on how many devices or hosts share the batch.
 
   MixUp:  x = r * first + (1 - r) * partner, label weight r;
   CutMix: x = first inside the box, partner outside; the box has side ratio sqrt(1 - U),
@@ -16,10 +18,10 @@ exactly the same ones.
 `mix_ratio` is always the weight of 'labels' (the first image's label); the loss is
 r * CE(labels) + (1 - r) * CE(mix_labels).
 
-Two ways to pair (`data.mix_mode`):
-  'paper': 2B decoded inputs per device, paired as above (two decodes per mixed output);
-  'fast':  B decoded inputs; output i pairs image i with image (i + 1) mod B of the same device
-           batch, so the host decodes half as many images. Every image is still used twice
+Two ways to pair (`data.mix_mode`), inside each group of G outputs:
+  'paper': 2G decoded inputs, paired as above (two decodes per mixed output);
+  'fast':  G decoded inputs; output i pairs image i with image (i + 1) mod G of the same group,
+           so the host decodes half as many images. Every image is still used twice
            per epoch, once as `first` and once as a partner, but partners are neighbours in
            the shuffled order instead of independent draws.
 """
@@ -149,3 +151,38 @@ def mix(images: jax.Array, labels: jax.Array, key: jax.Array, *, mixup_alpha: fl
   return Mixed(images=jnp.concatenate(parts), labels=first_labels.astype(jnp.int32),
                mix_labels=partner_labels.astype(jnp.int32), mix_ratio=jnp.concatenate(ratios),
                is_cutmix=jnp.arange(num) >= num_mixup)
+
+
+def mix_groups(images: jax.Array, labels: jax.Array, key: jax.Array, *, mixup_alpha: float,
+               use_cutmix: bool, mode: str, group_size: int, first_group: jax.Array | int
+               ) -> Mixed:
+  """Mixes a device batch of whole groups: group j is `mix`ed with fold_in(key, first_group + j).
+
+  Args:
+    images: uint8 (or float) [n * B, H, W, C], n = 2 ('paper') or 1 ('fast'); the inputs of
+      group j are rows [j * n * G, (j + 1) * n * G).
+    labels: int [n * B].
+    key: the step's mixing key (the same on every device).
+    mixup_alpha: Beta(alpha, alpha) of the MixUp ratio; 0 disables MixUp.
+    use_cutmix: whether CutMix is on.
+    mode: 'paper' or 'fast'.
+    group_size: G, outputs per group; B must be a multiple of it.
+    first_group: global index of this device's first group (device d holds groups
+      [d * B / G, (d + 1) * B / G) of the step's global batch).
+
+  Returns:
+    The mixed batch of B examples, group after group.
+  """
+  n = 2 if mode == 'paper' else 1
+  num = images.shape[0] // n
+  if group_size < 1 or num % group_size:
+    raise ValueError(f'{num} examples per device do not split into MixUp/CutMix groups of '
+                     f'data.mix_group_size={group_size}; choose a group size dividing the '
+                     'per-device batch.')
+  groups = num // group_size
+  grouped = images.reshape((groups, n * group_size) + images.shape[1:])
+  grouped_labels = labels.reshape((groups, n * group_size))
+  keys = jax.vmap(lambda j: jax.random.fold_in(key, first_group + j))(jnp.arange(groups))
+  out = jax.vmap(lambda x, y, k: mix(x, y, k, mixup_alpha=mixup_alpha, use_cutmix=use_cutmix,
+                                     mode=mode))(grouped, grouped_labels, keys)
+  return jax.tree.map(lambda a: a.reshape((num,) + a.shape[2:]), out)

@@ -483,17 +483,20 @@ def randaugment(image: jax.Array, key: jax.Array, num_layers: int,
 
 
 def randaugment_batch(images: jax.Array, key: jax.Array, num_layers: int,
-                      magnitude: float) -> jax.Array:
-  """randaugment per example: example i uses jax.random.fold_in(key, i).
+                      magnitude: float, first_index: jax.Array | int = 0) -> jax.Array:
+  """randaugment per example: example i uses jax.random.fold_in(key, first_index + i).
 
   Args:
     images: uint8 [B, H, W, 1 or 3].
-    key: PRNG key for the batch (fold in the device index first under pmap).
+    key: PRNG key of the whole (global) batch.
     num_layers: static number of layers.
     magnitude: static level.
+    first_index: the global index of images[0] in the step's batch, so an example draws the
+      same ops on whichever device it lands.
 
   Returns:
     uint8 array of the same shape.
   """
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(images.shape[0]))
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, first_index + i))(
+      jnp.arange(images.shape[0]))
   return jax.vmap(lambda x, k: randaugment(x, k, num_layers, magnitude))(images, keys)

@@ -23,27 +23,25 @@ def dataset_info(options: DataOptions) -> DatasetInfo:
   return pipeline.dataset_info(options)
 
 
-def train_iterator(options: DataOptions, *, global_batch_size: int, host_index: int,
-                   host_count: int, local_device_count: int, num_classes: int,
-                   start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Training batches from `start_step` on: uint8 images, [devices, per_device * n, ...]."""
-  kwargs = dict(global_batch_size=global_batch_size, host_index=host_index,
-                host_count=host_count, local_device_count=local_device_count,
-                start_step=start_step)
+def train_iterator(options: DataOptions, *, global_batch_size: int, rows: tuple[int, int],
+                   num_classes: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Training batches from `start_step` on: this host's `rows` of each global batch, uint8."""
   if options.name == SYNTHETIC:
-    return synthetic.fake_iterator(options, num_classes=num_classes, **kwargs)
+    return synthetic.train_iterator(options, global_batch_size=global_batch_size, rows=rows,
+                                    num_classes=num_classes, start_step=start_step)
   from nfnets.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  return pipeline.build_train_iterator(options, **kwargs)
+  return pipeline.build_train_iterator(options, global_batch_size=global_batch_size, rows=rows,
+                                       start_step=start_step)
 
 
 def eval_iterator(options: DataOptions, *, global_batch_size: int, host_index: int,
-                  host_count: int, local_device_count: int, num_classes: int,
-                  num_examples: int, split: Optional[str] = None) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over the eval split: normalised float images with 'mask' on padding."""
+                  host_count: int, num_classes: int, num_examples: int,
+                  split: Optional[str] = None) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over the eval split: this host's share, normalised float images with 'mask'."""
   kwargs = dict(global_batch_size=global_batch_size, host_index=host_index,
-                host_count=host_count, local_device_count=local_device_count)
+                host_count=host_count)
   if options.name == SYNTHETIC:
-    return synthetic.fake_iterator(options, num_classes=num_classes,
-                                   eval_examples=num_examples, **kwargs)
+    return synthetic.eval_iterator(options, num_classes=num_classes,
+                                   num_examples=num_examples, **kwargs)
   from nfnets.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
   return pipeline.build_eval_iterator(options, split=split, **kwargs)

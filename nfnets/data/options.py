@@ -58,6 +58,10 @@ class DataOptions:
     cutmix: Whether half of each device batch is CutMix pairs.
     mix_mode: 'paper' (two decoded inputs per mixed output) or 'fast' (partners from the
       same batch: half the host decoding, see nfnets.augment.mixing).
+    mix_group_size: MixUp/CutMix pair and draw inside groups of this many examples of the
+      global batch (each device holds whole groups, so the per-device batch must be a
+      multiple of it). 32, the per-core batch the paper states, by
+      default; the pairing does not depend on the number of devices.
     num_classes: Expected class count, checked against the data set; None takes the data
       set's own.
     seed: Data order and augmentation seed.
@@ -82,6 +86,7 @@ class DataOptions:
   mixup_alpha: float = 0.2
   cutmix: bool = True
   mix_mode: str = "paper"
+  mix_group_size: int = 32
   num_classes: Optional[int] = 1000
   seed: int = 0
   image_key: str = "image"
@@ -109,6 +114,10 @@ class DataOptions:
                        f"{self.mixup_alpha}.")
     if self.mix_mode not in MIX_MODES:
       raise ValueError(f"data.mix_mode must be one of {MIX_MODES}, got {self.mix_mode!r}.")
+    if self.mix_group_size < 1 or (self.mixup_alpha > 0 and self.cutmix
+                                   and self.mix_group_size % 2):
+      raise ValueError(f"data.mix_group_size must be a positive (with MixUp and CutMix both on, "
+                       f"even) number of examples, got {self.mix_group_size}.")
     parse_randaugment(self.randaugment)
     if not 0 <= self.seed < 2**31:
       raise ValueError(f"data.seed must be in [0, 2**31), got {self.seed}.")

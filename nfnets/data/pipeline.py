@@ -7,13 +7,14 @@ preprocessing with STATELESS random ops. The global batch of step k depends only
     np.random.default_rng([seed, epoch]).permutation(N);
   * step k consumes stream positions [k * M, (k + 1) * M), M = global batch times
     `inputs_per_example` (2 for the paper's MixUp/CutMix: each output mixes two decoded
-    inputs); host h decodes its contiguous share of them (rows for its devices only);
+    inputs); a host decodes only its rows of the global batch (`rows`, from the device mesh),
+    i.e. the inputs at positions k * M + [start * n, stop * n);
   * the crop and flip of the input at position p are keyed by (seed, p).
 So `start_step=k` computes batch k directly, without replaying any data, a resumed run sees
-exactly the batches an uninterrupted run would have, and 2 hosts x 1 device train on the same
-batches as 1 host x 2 devices. (The official pipeline gave each host a fixed slice of the
-examples; here each host reads its share of a global order, which needs random access, and
-the same total number of reads.)
+exactly the batches an uninterrupted run would have, and every topology (2 hosts x 1 device,
+1 host x 2 devices, 4 hosts after 8) trains on the same examples with the same crops. (The
+official pipeline gave each host a fixed slice of the examples; here each host reads its share
+of a global order, which needs random access, and the same total number of reads.)
 
 The host's share of the work stops at decode + crop + flip + resize: training batches are
 uint8 crops, and MixUp/CutMix, RandAugment and normalisation run on the accelerator inside the
@@ -22,7 +23,7 @@ train step (`nfnets.augment`), keyed by the step. The bicubic output is rounded 
 (after mixing), so pixels differ by at most half a grey level, except where the bicubic kernel
 overshoots at edges. Shipping uint8 also cuts the host-to-device bytes by 4.
 
-Output batches are numpy dicts shaped [local_devices, per_device, ...].
+Output batches are numpy dicts holding this host's rows [rows, ...] of the global batch.
 """
 
 import math
@@ -64,13 +65,12 @@ def host_slice(num_examples: int, host_index: int, host_count: int) -> tuple[int
   return int(bounds[host_index]), int(bounds[host_index + 1])
 
 
-def per_host_batch(global_batch_size: int, host_count: int, local_device_count: int) -> int:
-  """Examples per host, checking the batch splits evenly over every device."""
-  if global_batch_size % (host_count * local_device_count):
-    raise ValueError(
-        f"global_batch_size={global_batch_size} must be divisible by "
-        f"host_count * local_device_count = {host_count * local_device_count}.")
-  return global_batch_size // host_count
+def check_rows(global_batch_size: int, rows: tuple[int, int]) -> int:
+  """The number of rows [start, stop) of a global batch a host reads, checked."""
+  start, stop = rows
+  if not 0 <= start < stop <= global_batch_size:
+    raise ValueError(f"rows {rows} are not a share of a global batch of {global_batch_size}.")
+  return stop - start
 
 
 def _check_classes(options: DataOptions, source: sources.Source) -> None:
@@ -128,29 +128,26 @@ def to_uint8(image: tf.Tensor) -> tf.Tensor:
 
 
 def build_train_iterator(options: DataOptions, *, global_batch_size: int,
-                         host_index: int, host_count: int,
-                         local_device_count: int,
+                         rows: tuple[int, int],
                          start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Endless training batches of uint8 crops, batch k a pure function of (seed, k, host).
+  """Endless training batches of uint8 crops, batch k a pure function of (seed, k).
 
   Args:
     options: `config.data`.
     global_batch_size: examples per step over all hosts.
-    host_index: this host (jax.process_index()).
-    host_count: number of hosts (jax.process_count()).
-    local_device_count: devices on this host.
+    rows: [start, stop): the rows of each global batch this host reads
+      (`nfnets.train.mesh.local_rows`).
     start_step: first step to produce (resume point).
 
   Returns:
-    Iterator of {'images' uint8 [D, B * n, S, S, C], 'labels' int32 [D, B * n]}, B the
-    per-device batch and n = options.inputs_per_example (2 when the paper's MixUp/CutMix
-    mixes two decoded inputs per example; the device splits its 2B inputs into the pairs).
+    Iterator of {'images' uint8 [R * n, S, S, C], 'labels' int32 [R * n], 'example_id' int64
+    [R * n] (the data set index of each input, for checks; not sent to the devices)}, R the
+    host's rows and n = options.inputs_per_example (2 when the paper's MixUp/CutMix mixes two
+    decoded inputs per example; each device splits its inputs into the pairs of its groups).
   """
-  batch = per_host_batch(global_batch_size, host_count, local_device_count)
+  batch = check_rows(global_batch_size, rows)
   size = options.image_size
   preprocessing.check_preproc_names(options.train_preproc, options.eval_preproc)
-  if not 0 <= host_index < host_count:
-    raise ValueError(f"host_index must be in [0, {host_count}), got {host_index}.")
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
   source = sources.open_source(options, options.train_split)
@@ -158,44 +155,42 @@ def build_train_iterator(options: DataOptions, *, global_batch_size: int,
   channels = source.channels
   sampler = IndexSampler(0, len(source), options.seed)
   inputs = batch * options.inputs_per_example
-  global_inputs = inputs * host_count
+  global_inputs = global_batch_size * options.inputs_per_example
 
   def records():
     step = start_step
     while True:
-      first = step * global_inputs + host_index * inputs
+      first = step * global_inputs + rows[0] * options.inputs_per_example
       positions = np.arange(first, first + inputs, dtype=np.int64)
-      images, labels = _read_or_none(source, sampler.indices(positions))
+      indices = sampler.indices(positions)
+      images, labels = _read_or_none(source, indices)
       if images is None:
         return
       yield {"image": np.asarray(images, dtype=object), "label": labels,
-             "seed": example_seeds(options.seed, _CROP, positions)}
+             "seed": example_seeds(options.seed, _CROP, positions), "example_id": indices}
       step += 1
 
   signature = {"image": tf.TensorSpec([inputs], tf.string),
                "label": tf.TensorSpec([inputs], tf.int64),
-               "seed": tf.TensorSpec([inputs, 2], tf.int64)}
+               "seed": tf.TensorSpec([inputs, 2], tf.int64),
+               "example_id": tf.TensorSpec([inputs], tf.int64)}
 
   def decode(example):
     image = preprocessing.preprocess_train(
         example["image"], example["seed"], method=options.train_preproc, size=size,
         channels=channels, flip=options.random_flip)
-    return {"images": to_uint8(image), "labels": tf.cast(example["label"], tf.int32)}
-
-  def per_device(examples):
-    return {k: tf.reshape(v, [local_device_count, inputs // local_device_count] +
-                          v.shape[1:].as_list()) for k, v in examples.items()}
+    return {"images": to_uint8(image), "labels": tf.cast(example["label"], tf.int32),
+            "example_id": example["example_id"]}
 
   ds = tf.data.Dataset.from_generator(records, output_signature=signature)
   ds = ds.unbatch().map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(inputs, drop_remainder=True).map(per_device)
+  ds = ds.batch(inputs, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
 def build_eval_iterator(options: DataOptions, *, split: Optional[str] = None,
                         global_batch_size: int, host_index: int,
-                        host_count: int,
-                        local_device_count: int) -> Iterator[dict[str, np.ndarray]]:
+                        host_count: int) -> Iterator[dict[str, np.ndarray]]:
   """One pass over `split`: every example exactly once, over all hosts.
 
   The last batch is padded (repeating an example) with 'mask' 0; every host
@@ -205,15 +200,16 @@ def build_eval_iterator(options: DataOptions, *, split: Optional[str] = None,
     options: `config.data` (eval_split, eval_image_size, eval_preproc ...).
     split: split to read; default `options.eval_split`.
     global_batch_size: examples per eval step over all hosts.
-    host_index: this host.
-    host_count: number of hosts.
-    local_device_count: devices on this host.
+    host_index: this host's share of the mesh (`nfnets.train.mesh.local_share`).
+    host_count: the number of shares.
 
   Returns:
-    Iterator of {'images' f32 [D, B, S, S, C] normalised, 'labels' i32 [D, B],
-    'mask' f32 [D, B]}.
+    Iterator of this host's rows {'images' f32 [B, S, S, C] normalised, 'labels' i32 [B],
+    'mask' f32 [B]}, B = global_batch_size / host_count.
   """
-  batch = per_host_batch(global_batch_size, host_count, local_device_count)
+  if global_batch_size % host_count:
+    raise ValueError(f"eval batch {global_batch_size} does not split over {host_count} hosts.")
+  batch = global_batch_size // host_count
   split = split or options.eval_split
   size = options.eval_image_size
   preprocessing.check_preproc_names(options.train_preproc, options.eval_preproc)
@@ -245,14 +241,10 @@ def build_eval_iterator(options: DataOptions, *, split: Optional[str] = None,
     return {"images": image, "labels": tf.cast(example["label"], tf.int32),
             "mask": example["mask"]}
 
-  def reshape(examples):
-    return {k: tf.reshape(v, [local_device_count, batch // local_device_count] +
-                          v.shape[1:].as_list()) for k, v in examples.items()}
-
   ds = tf.data.Dataset.from_generator(records, output_signature=signature)
   ds = ds.unbatch().map(decode, num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=True)
-  ds = ds.batch(batch, drop_remainder=True).map(reshape)
+  ds = ds.batch(batch, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 

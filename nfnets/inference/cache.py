@@ -5,11 +5,9 @@ persistent cache keeps the compiled executable on disk, keyed by the program (th
 the input shape, not the weight values, which are arguments), the JAX version and the device.
 A later process building the same network loads it instead of compiling.
 
-Directory, first that is set:
-  NFNETS_COMPILATION_CACHE    (the variable the training loop honours too)
-  $XDG_CACHE_HOME/nfnets/jax
-  ~/.cache/nfnets/jax
-A cache configured already (JAX_COMPILATION_CACHE_DIR or jax.config) is left as it is. Entries
+Directory (`nfnets.paths.compilation_cache_dir`, shared with `--mode=eval` and `--mode=plan`),
+first that is set: NFNETS_COMPILATION_CACHE, $NFNETS_CACHE_DIR/jax, $XDG_CACHE_HOME/nfnets/jax,
+~/.cache/nfnets/jax. A cache configured already (JAX_COMPILATION_CACHE_DIR or jax.config) is left as it is. Entries
 are a few MB per network and batch size; delete the directory to reclaim the space.
 """
 
@@ -20,17 +18,8 @@ import sys
 from typing import Optional
 
 
-def default_cache_dir() -> str:
-  """NFNETS_COMPILATION_CACHE, else the user's cache directory + nfnets/jax."""
-  explicit = os.environ.get("NFNETS_COMPILATION_CACHE")
-  if explicit:
-    return os.path.abspath(os.path.expanduser(explicit))
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "nfnets", "jax")
-
-
 def enable_compilation_cache(directory: Optional[str] = None) -> Optional[str]:
-  """Points JAX's persistent compilation cache at `directory` (default: `default_cache_dir`).
+  """Points JAX's persistent compilation cache at `directory` (default: the user's cache).
 
   Returns:
     The directory in use, or None when it cannot be created or written (a note is printed
@@ -40,7 +29,8 @@ def enable_compilation_cache(directory: Optional[str] = None) -> Optional[str]:
   configured = jax.config.jax_compilation_cache_dir
   if configured:
     return configured
-  directory = directory or default_cache_dir()
+  from nfnets import paths  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(os.path.expanduser(directory or paths.compilation_cache_dir()))
   try:
     os.makedirs(directory, exist_ok=True)
     writable = os.access(directory, os.W_OK | os.X_OK)

@@ -26,6 +26,8 @@ def check_weights_path(path: Union[str, os.PathLike]) -> str:
     ValueError: it does not exist, or is a directory without a run's config.json.
   """
   path = os.fspath(path)
+  if "://" in path:  # Cloud storage: checked when it is read (nfnets.paths).
+    return path
   if not os.path.exists(path):
     raise ValueError(f"{path} does not exist; pass a weights file (.npz) or a run's workdir.")
   if os.path.isdir(path) and not os.path.isfile(os.path.join(path, WORKDIR_CONFIG)):

@@ -54,8 +54,39 @@ class LoadedModel:
 
 
 def _is_zip(path: str) -> bool:
-  with open(path, "rb") as f:
+  with weights_lib.npz.open_regular(path) as f:  # A FIFO or device is refused, not read.
     return f.read(4) == weights_lib.npz.ZIP_MAGIC
+
+
+def _read(path: str, ema: bool) -> tuple[Optional[ModelSpec], dict, dict, str, bool]:
+  """(the spec the source records or None, params, state, description, whether a workdir).
+
+  A workdir (local or gs://) gives its config's spec; our npz its stored ModelSpec (or None);
+  DeepMind's pickle None (the caller may infer the variant). A weights file on cloud storage is
+  copied to a local temporary file first (the readers check local files).
+  """
+  from nfnets import paths  # pylint: disable=g-import-not-at-top
+  if paths.is_url(path):
+    where = paths.resolve(path)
+    if not where.exists():
+      raise ValueError(f"{path} does not exist; pass a weights file (.npz) or a run's workdir.")
+    if where.is_dir():
+      loaded = _from_workdir(os.fspath(where), ema)
+      return loaded.spec, loaded.params, loaded.state, loaded.source, True
+    import tempfile  # pylint: disable=g-import-not-at-top
+    with tempfile.NamedTemporaryFile(suffix=where.suffix) as local:
+      local.write(where.read_bytes())
+      local.flush()
+      spec, params, state, _, _ = _read(local.name, ema)
+    return spec, params, state, path, False
+  path = inputs.check_weights_path(path)
+  if os.path.isdir(path):
+    loaded = _from_workdir(path, ema)
+    return loaded.spec, loaded.params, loaded.state, loaded.source, True
+  if _is_zip(path):
+    params, stored = weights_lib.read_npz(path)
+    return stored, params, {}, path, False
+  return None, weights_lib.load_official(path), {}, path, False
 
 
 def infer_nfnet_spec(params: dict, source: str) -> ModelSpec:
@@ -99,11 +130,16 @@ def _check_shapes(spec: ModelSpec, params: dict, source: str) -> None:
 
 
 def _from_workdir(workdir: str, ema: bool) -> LoadedModel:
-  # Training-side modules: a workdir needs the optimizer's state layout to read a checkpoint.
+  """A run's newest verified checkpoint, read only: params and model state, no optimizer.
+
+  config.json and dataset.json describe the model and its classes; both are checked against the
+  model signature the run stored beside its checkpoints, so an edited file is refused by name
+  instead of silently running another model or printing other names.
+  """
   from nfnets.train import checkpoints  # pylint: disable=g-import-not-at-top
-  from nfnets.train import optim  # pylint: disable=g-import-not-at-top
-  from nfnets.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from nfnets.train import integrity  # pylint: disable=g-import-not-at-top
   from nfnets.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from nfnets import paths  # pylint: disable=g-import-not-at-top
   options = workdir_lib.saved_options(workdir)
   info = workdir_lib.saved_dataset_info(workdir)
   num_classes = info.num_classes if info else (options.data.num_classes or IMAGENET_CLASSES)
@@ -114,22 +150,23 @@ def _from_workdir(workdir: str, ema: bool) -> LoadedModel:
                    eval_image_size=options.data.eval_image_size,
                    eval_preproc=options.data.eval_preproc, channels=channels)
   forward = registry.make_forward(spec.name, num_classes, **spec.kwargs)
-  # Only the state's structure matters for reading it: any schedule length will do.
-  optimizer, _ = optim.build_optimizer(options.optimizer, batch_size=options.train.batch_size,
-                                       steps_per_epoch=1.0, total_steps=10**9)
   size = options.data.image_size
-  template = state_lib.abstract_train_state(forward, optimizer, (size, size, channels))
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  try:
-    restored, step = ckpt.restore_latest(template)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise ValueError(f"{workdir} has no checkpoint yet; train first or pass a weights file.")
-  params, state = ((restored.ema_params, restored.ema_state) if ema
-                   else (restored.params, restored.state))
+  shapes, state_shapes = jax.eval_shape(lambda: forward.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), is_training=True))
+  ckpt_dir = paths.resolve(workdir) / "checkpoints"
+  saved = integrity.read_signature(ckpt_dir)
+  if saved is not None:
+    described = integrity.model_signature(spec.name, spec.kwargs, shapes, info)
+    if not integrity.same_model(saved, described):
+      raise ValueError(
+          f"{workdir}: config.json / dataset.json no longer describe its checkpoints "
+          f"({integrity.signature_diff(saved, described)}, per {ckpt_dir}/"
+          f"{integrity.SIGNATURE_FILE}); restore the original files.")
+  weights = checkpoints.read_weights(ckpt_dir, {"params": shapes, "state": state_shapes},
+                                     ema=ema)
   which = "EMA weights" if ema else "weights"
-  return LoadedModel(spec, params, state, f"{workdir} (step {step}, {which})")
+  return LoadedModel(spec, weights.params, weights.state,
+                     f"{workdir} (step {weights.step}, {which})")
 
 
 def load_model(path: str, *, model: Optional[str] = None, variant: Optional[str] = None,
@@ -148,24 +185,9 @@ def load_model(path: str, *, model: Optional[str] = None, variant: Optional[str]
   Returns:
     The `LoadedModel`.
   """
-  path = inputs.check_weights_path(path)
-  if os.path.isdir(path):
-    loaded = _from_workdir(path, ema)
-    spec, params, state = loaded.spec, loaded.params, loaded.state
-    source = loaded.source
-  else:
-    stored = None
-    if _is_zip(path):
-      params, stored = weights_lib.read_npz(path)
-    else:
-      params = weights_lib.load_official(path)
-    state, source = {}, path
-    if stored is not None:
-      spec = stored
-    elif model is None and variant is None:
-      spec = infer_nfnet_spec(params, path)
-    else:
-      spec = None
+  spec, params, state, source, _ = _read(os.fspath(path), ema)
+  if spec is None and model is None and variant is None:
+    spec = infer_nfnet_spec(params, source)
   if model is not None or variant is not None or model_kwargs or spec is None:
     name = model or (spec.name if spec else "NFNet")
     kwargs = dict(spec.kwargs) if spec and spec.name == name else {}
@@ -267,20 +289,10 @@ def read_source(path: str, ema: bool = True) -> tuple[Optional[ModelSpec], dict,
   NFNet variant read off DeepMind's parameter tree; None when it records nothing (then the
   caller's config describes the model).
   """
-  from nfnets import paths  # pylint: disable=g-import-not-at-top
-  where = paths.resolve(path)
-  if not where.exists():
-    raise ValueError(f"{path} does not exist; pass a weights file (.npz) or a run's workdir.")
-  if where.is_dir():
-    loaded = _from_workdir(os.fspath(where), ema)
-    return loaded.spec, loaded.params, loaded.state, loaded.source
-  local = paths.local(path)
-  if _is_zip(local):
-    params, spec = weights_lib.read_npz(local)
-  else:
-    params = weights_lib.load_official(local)
+  spec, params, state, source, _ = _read(os.fspath(path), ema)
+  if spec is None:
     try:
-      spec = infer_nfnet_spec(params, local)
+      spec = infer_nfnet_spec(params, source)
     except ValueError:
       spec = None
-  return spec, params, {}, local
+  return spec, params, state, source

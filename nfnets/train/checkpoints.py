@@ -1,40 +1,38 @@
-"""Crash-proof training checkpoints over orbax: periodic, atomic, verified, resumable.
+"""Crash-proof training checkpoints over orbax: the named TrainState, written by every host.
 
-What a checkpoint holds: the whole host-local (unreplicated) `TrainState` -- params, Haiku
-state, optimizer state, EMA copies, step and rng. The data position needs no extra field: the
-input pipeline is keyed by step (batch k depends only on (seed, k, host)), so the restored step
-*is* the data position.
+What a checkpoint `<workdir>/checkpoints/<step>/` holds:
+  state/   the TrainState under its leaf paths (`params/NFNet/~/stem_conv0/w`, `ema_params/...`,
+           `opt_state/...`, `step`, `rng`): a plain orbax PyTree that stock orbax can browse,
+           `ocp.StandardCheckpointer().restore('<step>/state')`;
+  meta/    JSON: format, step, the shape and SHA-256 digest of every array by leaf path;
+  nfnets_files.sha256.json   the digest of every file above (the seal, see integrity.py).
+The data position needs no extra field: batch k depends only on (seed, k), so the restored
+step *is* the data position, on any topology.
+
+Every process takes part in saving and restoring, as orbax does it for multi-process jobs (each
+writes what it owns, replicated arrays once; each reads what it needs), so nothing funnels the
+state through host 0. Process 0 alone digests, seals and moves files.
 
 Guarantees:
-  * Atomic writes: orbax writes into a temporary directory and renames it when complete, so a
-    crash mid-write never leaves a half checkpoint that looks finished.
-  * Integrity, two digests (SHA-256), both verified on restore; a mismatch makes the
-    checkpoint unreadable like a truncated one:
-    - of every array, computed from the host copy before writing and committed atomically
-      with the data (the small JSON item): it catches corruption on the way to the disk too;
-    - of every file of the checkpoint, read back from the disk once orbax has committed it
-      (`<step>/nfnets_files.sha256.json`, written in a background thread): it catches every
-      flipped bit afterwards, also in bytes that no value depends on.
-    A kill between the commit and the file digests leaves a checkpoint with array digests
-    only, which restores (verified by them). We looked for this in orbax 0.12.8 first: its
-    zarr3 layout checksums (crc32c) only the shard *index*, never the chunk data, no option
-    adds a data checksum, and OCDBT files carry none, so the digests are ours. Checkpoints
-    written before digests existed restore unverified.
-  * Unreadable checkpoints (truncated, corrupt, digest mismatch) are reported by name, moved to
-    `<workdir>/unreadable_checkpoints/`, and the previous good one is used.
-  * Nothing non-finite is written: `save` refuses a state with a NaN/Inf anywhere (params, EMA,
-    model state, optimizer state).
-  * Keep the last K; save every N steps (orbax `FixedIntervalPolicy`) and/or every M seconds
-    (orbax `ContinuousCheckpointingPolicy`).
-  * A small JSON *model signature* (model name, kwargs, param shapes) is stored next to the
-    checkpoints; resuming a workdir whose signature differs is refused with a clear error
-    instead of silently re-initialising or loading mismatched weights.
+  * Atomic: orbax writes into a temporary directory and renames it when complete.
+  * Verified before use: the seal (every file), the array digests (every leaf), the format the
+    directory requires (recorded in its model signature, not in the checkpoint), and the step,
+    which must be the same in the state, the meta item and the directory name. A checkpoint
+    failing any check is unreadable: named, moved to `<workdir>/unreadable_checkpoints/` by the
+    writer (never by a reader), and the previous one is used. Only a sealed checkpoint of
+    another layout (a changed model or optimizer) is refused outright.
+  * A checkpoint left unsealed by a kill is sealed when a run resumes from it.
+  * Nothing non-finite is written.
+  * Readers (`read_weights`: predict, export, eval, fine-tuning from a workdir) restore params
+    and model state alone, build no optimizer, and never write, move or delete anything: they
+    run beside a training run and on a read-only copy.
+Checkpoints of formats 1 and 2 (arrays under index keys) still restore.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
+import dataclasses
 import json
 import logging
 import os
@@ -44,320 +42,402 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_policies
 
-from nfnets.train.distributed import raise_together
-from nfnets.train.options import CheckpointOptions, to_plain
+from nfnets import paths
+from nfnets.train import integrity
+from nfnets.train import mesh as mesh_lib
+from nfnets.train.distributed import agree, raise_together
+from nfnets.train.integrity import SignatureMismatchError
+from nfnets.train.options import CheckpointOptions
 from nfnets.train.state import first_nonfinite
 
-SIGNATURE_FILE = "model_signature.json"
-FILE_DIGESTS = "nfnets_files.sha256.json"
-# Version 2: the meta item holds per-array digests. Version 1 checkpoints (no digests) restore
-# unverified, so workdirs written before digests existed still resume.
-FORMAT_VERSION = 2
-
-
-class SignatureMismatchError(ValueError):
-  """The workdir holds checkpoints of a different model than the one configured."""
+ITEMS = ("state", "meta")
+UNREADABLE_DIR = "unreadable_checkpoints"
+WEIGHT_FIELDS = ("params", "state", "ema_params", "ema_state")
+__all__ = ["Checkpointer", "NonFiniteStateError", "SignatureMismatchError", "read_weights",
+           "step_dirs", "Weights"]
 
 
 class NonFiniteStateError(ValueError):
   """A state with NaN/Inf values was handed to `save`; it was not written."""
 
 
-def _leaf_paths(tree: Any) -> list[str]:
-  return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+class UnreadableError(ValueError):
+  """This checkpoint cannot be used (its reason is the message); an older one may be."""
 
 
-def digest(array: np.ndarray) -> str:
-  """SHA-256 of an array's bytes, with its dtype and shape (so a reinterpretation differs)."""
-  array = np.ascontiguousarray(array)
-  h = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
-  h.update(memoryview(array).cast("B") if array.size else b"")
-  return h.hexdigest()
-
-
-def _digests(arrays: dict[str, np.ndarray]) -> dict[str, str]:
-  # hashlib releases the GIL on large buffers: threads hash several arrays at once.
-  with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-    return dict(zip(arrays, pool.map(digest, arrays.values())))
-
-
-def _file_digest(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 24), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
-def _checkpoint_files(step_dir: str) -> list[str]:
-  """Every file of a committed checkpoint, relative to it, but the file-digest list itself."""
-  out = []
-  for root, _, names in os.walk(step_dir):
-    for name in names:
-      rel = os.path.relpath(os.path.join(root, name), step_dir)
-      if rel != FILE_DIGESTS:
-        out.append(rel)
+def step_dirs(directory: paths.PathLike) -> list[tuple[int, epath.Path]]:
+  """(step, path) of the committed checkpoints in `directory`, ascending (no tmp dirs)."""
+  root = paths.resolve(directory)
+  if not root.exists():
+    return []
+  out = [(int(p.name), p) for p in root.iterdir() if p.name.isdigit() and p.is_dir()]
   return sorted(out)
 
 
-def seal(step_dir: str) -> None:
-  """Writes the digest of every file of a committed checkpoint into it (atomically)."""
+# ----------------------------------------------------------------------------- one step
+@dataclasses.dataclass(frozen=True)
+class _Rules:
+  """What the directory requires of a step: format 3, or the legacy formats' own claim."""
+  legacy_steps: frozenset[int]
+  strict: bool  # The directory was created with (or upgraded to) format 3.
+
+  @classmethod
+  def of(cls, signature: Optional[dict]) -> "_Rules":
+    signature = signature or {}
+    strict = signature.get("checkpoint_format", 0) >= integrity.FORMAT_VERSION
+    legacy = signature.get("legacy_steps", [])
+    return cls(frozenset(int(s) for s in legacy if isinstance(s, int)), strict)
+
+  def legacy_allowed(self, step: int) -> bool:
+    return not self.strict or step in self.legacy_steps
+
+
+def _read_meta(step_dir: epath.Path) -> dict:
   try:
-    digests = {rel: _file_digest(os.path.join(step_dir, rel))
-               for rel in _checkpoint_files(step_dir)}
-  except FileNotFoundError:  # Deleted meanwhile (keep=K dropped it): nothing to seal.
-    return
-  tmp = os.path.join(step_dir, FILE_DIGESTS + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(digests, f, indent=0, sort_keys=True)
-  os.replace(tmp, os.path.join(step_dir, FILE_DIGESTS))
+    meta = json.loads((step_dir / "meta" / "metadata").read_text())
+  except (OSError, ValueError, RecursionError, UnicodeDecodeError) as e:
+    raise UnreadableError(f"its meta item is unreadable ({type(e).__name__})") from None
+  if not isinstance(meta, dict):
+    raise UnreadableError("its meta item is not a JSON object")
+  return meta
 
 
-def verify_files(step_dir: str) -> bool:
-  """Checks a sealed checkpoint's files against its digests; False when it is not sealed."""
-  path = os.path.join(step_dir, FILE_DIGESTS)
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    saved = json.load(f)
-  files = _checkpoint_files(step_dir)
-  if sorted(saved) != files:
-    missing, extra = sorted(set(saved) - set(files)), sorted(set(files) - set(saved))
-    raise ValueError(f"its files changed (missing {missing[:2]}, unexpected {extra[:2]})")
-  for rel in files:
-    if _file_digest(os.path.join(step_dir, rel)) != saved[rel]:
-      raise ValueError(f"{rel} does not match its digest: the file changed on disk after the "
-                       "checkpoint was written")
-  return True
+def _legacy_paths(target: dict) -> dict[str, str]:
+  """{leaf path: the path formats 1 and 2 listed} for `target`'s leaves.
+
+  Those formats saved the TrainState NamedTuple, whose leaves jax names ".params['m']['w']":
+  the field as an attribute, the rest as jax's key string.
+  """
+  out = {}
+  for path, _ in jax.tree_util.tree_flatten_with_path(target)[0]:
+    field = integrity.key_name(path[0])
+    out[integrity.leaf_path(path)] = f".{field}{jax.tree_util.keystr(path[1:])}"
+  return out
 
 
-def model_signature(model_name: str, model_kwargs: Any, params: Any) -> dict:
-  """Builds the JSON-able identity of a model: name, constructor kwargs, param shapes.
+def _restore_args(target: dict, on_device: bool) -> Any:
+  """Global arrays where the target leaf carries a sharding (and `on_device`), else numpy."""
+  def args(x):
+    sharding = getattr(x, "sharding", None)
+    if on_device and isinstance(sharding, jax.sharding.Sharding):
+      return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=x.shape, dtype=x.dtype)
+    return ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.dtype(x.dtype))
+  return jax.tree.map(args, target)
+
+
+def _host(x: Any) -> np.ndarray:
+  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def load_step(step_dir: epath.Path, step: int, target: dict, rules: _Rules, *,
+              partial: bool, on_device: bool, verify: bool = True) -> dict:
+  """Reads and verifies one checkpoint into `target`'s structure.
 
   Args:
-    model_name: registry name, e.g. 'NFNet'.
-    model_kwargs: constructor kwargs (dict or ConfigDict).
-    params: a params tree (arrays or ShapeDtypeStructs) whose shapes identify the weights.
+    step_dir: the checkpoint directory.
+    step: its step (the directory name).
+    target: {leaf path: ShapeDtypeStruct} of what to read, as a nested dict of TrainState
+      field names (e.g. {'params': ..., 'step': ...}).
+    rules: what the directory requires.
+    partial: only the fields in `target` (readers); else the whole state (resuming).
+    on_device: restore as global arrays with the target's shardings (else numpy).
+    verify: check the seal and the array digests (False on processes other than 0, which
+      share process 0's verdict through `agree`).
 
   Returns:
-    A dict with keys 'model', 'kwargs' and 'param_shapes' ({path: [dims...]}).
+    The restored nested dict.
+
+  Raises:
+    UnreadableError: the checkpoint fails a check (the reason names it).
+    SignatureMismatchError: a sealed checkpoint holds another layout.
   """
-  shapes = {jax.tree_util.keystr(p): [int(d) for d in np.shape(x)]
-            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-  return {"model": model_name, "kwargs": to_plain(model_kwargs), "param_shapes": shapes}
+  try:
+    sealed = integrity.verify_files(step_dir) if verify else False
+  except (ValueError, OSError) as e:
+    raise UnreadableError(str(e)) from None
+  meta = _read_meta(step_dir)
+  fmt = meta.get("format", 1)
+  if not isinstance(fmt, int) or (fmt != integrity.FORMAT_VERSION and not (
+      rules.legacy_allowed(step) and fmt in (1, 2))):
+    raise UnreadableError(f"its meta item declares format {fmt!r}, which this directory does "
+                          f"not allow for step {step}")
+  if meta.get("step") != step:
+    raise UnreadableError(f"its meta item says step {meta.get('step')!r}, its directory name "
+                          f"{step}")
+  wanted = integrity.leaves_by_path(target)
+  if fmt == integrity.FORMAT_VERSION:
+    restored, arrays = _restore_named(step_dir, meta, target, wanted, partial, on_device, sealed)
+  else:
+    restored, arrays = _restore_indexed(step_dir, meta, target, wanted, fmt, sealed)
+  if verify and fmt >= 2:
+    try:
+      integrity.check_digests(meta.get("digests"), arrays)
+    except ValueError as e:
+      raise UnreadableError(str(e)) from None
+  own_step = int(_host(restored["step"])) if "step" in restored else step
+  if own_step != step:
+    raise UnreadableError(f"its state is at step {own_step}, its directory name says {step}")
+  return restored
 
 
-def _signature_diff(old: dict, new: dict, limit: int = 3) -> str:
-  """One-line summary of the first differences between two signatures."""
-  diffs = []
-  if old.get("model") != new.get("model"):
-    diffs.append(f"model {old.get('model')!r} -> {new.get('model')!r}")
-  ok, nk = old.get("kwargs", {}), new.get("kwargs", {})
-  for k in sorted(set(ok) | set(nk)):
-    if ok.get(k) != nk.get(k):
-      diffs.append(f"kwargs.{k} {ok.get(k)!r} -> {nk.get(k)!r}")
-  os_, ns = old.get("param_shapes", {}), new.get("param_shapes", {})
-  for k in sorted(set(os_) | set(ns)):
-    if os_.get(k) != ns.get(k):
-      diffs.append(f"param {k} {os_.get(k)} -> {ns.get(k)}")
-  more = f" (+{len(diffs) - limit} more)" if len(diffs) > limit else ""
-  return "; ".join(diffs[:limit]) + more
+def _layout_error(step_dir: epath.Path, detail: str, sealed: bool) -> Exception:
+  if not sealed:  # The meta item may be what is damaged: fall back rather than refuse.
+    return UnreadableError(f"its layout does not match ({detail})")
+  return SignatureMismatchError(
+      f"Checkpoint {step_dir} holds a different train-state layout than this run builds "
+      f"({detail}: optimizer or model changed); use a fresh --workdir or restore the original "
+      "config.")
+
+
+def _restore_named(step_dir, meta, target, wanted, partial, on_device, sealed):
+  saved = meta.get("digests")
+  shapes = meta.get("shapes")
+  if not isinstance(saved, dict) or not isinstance(shapes, dict):
+    raise UnreadableError("its meta item has no digests")
+  missing = sorted(set(wanted) - set(saved))
+  extra = [] if partial else sorted(set(saved) - set(wanted))
+  if missing or extra:
+    raise _layout_error(step_dir, f"missing {missing[:2]}, unexpected {extra[:2]}", sealed)
+  for path, x in wanted.items():
+    if list(shapes.get(path, [])) != list(x.shape):
+      raise _layout_error(step_dir, f"{path} has shape {shapes.get(path)}, expected "
+                          f"{list(x.shape)}", sealed)
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(
+        step_dir / "state", args=ocp.args.PyTreeRestore(
+            item=target, restore_args=_restore_args(target, on_device), partial_restore=partial))
+  except Exception as e:  # pylint: disable=broad-except  (any read failure: truncated, missing)
+    raise UnreadableError(f"{type(e).__name__}: {_first_line(e)}") from None
+  arrays = {p: _host(x) for p, x in integrity.leaves_by_path(restored).items()}
+  return restored, arrays
+
+
+def _restore_indexed(step_dir, meta, target, wanted, fmt, sealed):
+  """Formats 1 and 2: arrays under '00000', ... with the leaf paths listed in the meta item."""
+  listed = meta.get("paths")
+  if not isinstance(listed, list):
+    raise UnreadableError("its meta item has no leaf paths")
+  index = {p: i for i, p in enumerate(listed)}
+  keys = {}
+  legacy_paths = _legacy_paths(target)
+  for path in wanted:
+    legacy = legacy_paths[path]
+    if legacy not in index:
+      raise _layout_error(step_dir, f"missing {path}", sealed)
+    keys[path] = f"{index[legacy]:05d}"
+  item = {keys[p]: np.zeros(x.shape, x.dtype) for p, x in wanted.items()}
+  try:
+    out = ocp.PyTreeCheckpointer().restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+        item=item, restore_args=_restore_args(item, False), partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except
+    raise UnreadableError(f"{type(e).__name__}: {_first_line(e)}") from None
+  arrays = {p: np.asarray(out[keys[p]]) for p in wanted}
+  if fmt >= 2:  # Digests are keyed by index in format 2.
+    meta["digests"] = {p: (meta.get("digests") or {}).get(keys[p]) for p in wanted}
+  leaves, treedef = jax.tree_util.tree_flatten(target)
+  del leaves
+  restored = jax.tree_util.tree_unflatten(treedef, [arrays[p] for p in wanted])
+  return restored, arrays
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return text[0][:200] if text else ""
+
+
+# ------------------------------------------------------------------------------ readers
+@dataclasses.dataclass(frozen=True)
+class Weights:
+  """A run's weights as a reader gets them (numpy).
+
+  Attributes:
+    params: Haiku params (the EMA copy when asked for).
+    state: Haiku state.
+    step: the checkpoint's step.
+    path: the checkpoint directory read.
+    skipped: (path, reason) of newer checkpoints that were unreadable.
+  """
+  params: dict
+  state: dict
+  step: int
+  path: str
+  skipped: tuple[tuple[str, str], ...] = ()
+
+
+def read_weights(checkpoint_dir: paths.PathLike, shapes: dict, *, ema: bool = True) -> Weights:
+  """The params and model state of the newest verified checkpoint; builds no optimizer.
+
+  Read-only: nothing in the directory is written, moved or deleted, so this runs beside a
+  training run (a checkpoint being written or deleted meanwhile is skipped) and on a read-only
+  copy. Unreadable checkpoints are skipped and reported in `Weights.skipped`.
+
+  Args:
+    checkpoint_dir: `<workdir>/checkpoints`.
+    shapes: {'params': tree, 'state': tree} of ShapeDtypeStructs: what the model expects.
+    ema: the EMA copies (what the paper evaluates) or the raw ones.
+
+  Raises:
+    ValueError: there is no checkpoint, or none is readable (naming the newest's reason).
+    SignatureMismatchError: a sealed checkpoint holds another model.
+  """
+  root = paths.resolve(checkpoint_dir)
+  rules = _Rules.of(integrity.read_signature(root))
+  fields = ("ema_params", "ema_state") if ema else ("params", "state")
+  target = {fields[0]: shapes["params"], fields[1]: shapes["state"],
+            "step": jax.ShapeDtypeStruct((), np.int32)}
+  target = {k: v for k, v in target.items() if jax.tree.leaves(v) or k == "step"}
+  skipped = []
+  found = step_dirs(root)
+  for step, step_dir in reversed(found):
+    try:
+      out = load_step(step_dir, step, target, rules, partial=True, on_device=False)
+    except (UnreadableError, FileNotFoundError) as e:
+      skipped.append((os.fspath(step_dir), str(e)))
+      continue
+    return Weights(out.get(fields[0], {}), out.get(fields[1], {}), step, os.fspath(step_dir),
+                   tuple(skipped))
+  if not found:
+    raise ValueError(f"{root} holds no checkpoint yet; train first or pass a weights file.")
+  raise ValueError(f"No readable checkpoint in {root} (newest {skipped[0][0]}: "
+                   f"{skipped[0][1]}).")
+
+
+# ------------------------------------------------------------------------------- writer
+def _as_dict(state: Any) -> dict:
+  """A TrainState (any NamedTuple) or a dict, as the dict of its fields."""
+  return state._asdict() if hasattr(state, "_asdict") else dict(state)
 
 
 def _save_policy(options: CheckpointOptions) -> save_policies.SaveDecisionPolicy:
-  policies = []
-  if options.every_steps:
-    policies.append(save_policies.FixedIntervalPolicy(options.every_steps))
-  if options.every_seconds:
-    policies.append(save_policies.ContinuousCheckpointingPolicy(
-        minimum_interval_secs=int(options.every_seconds)))
-  # Never by itself: saves are then only the forced ones (end of training, signals).
-  return save_policies.AnySavePolicy(policies or [save_policies.SpecificStepsPolicy(())])
+  # Time-based saves are decided by every host together (the loop's 'save_due' flag), so
+  # orbax only ever sees forced saves.
+  del options
+  return save_policies.SpecificStepsPolicy(())
 
 
 class Checkpointer:
-  """Periodic, atomic, verified, resumable checkpoints of a host-local `TrainState`.
+  """Periodic, atomic, verified, resumable checkpoints of the (global) TrainState.
 
-  Only the writer process (host 0) creates files; other hosts get `restore` results by
-  broadcast from host 0, so the workdir need not be shared storage for restoring.
+  Every process constructs one and calls `restore_latest`, `save`, `wait` and `close` at the
+  same points (orbax's multi-process protocol). Only the process holding the workdir's lock may
+  construct one (readers use `read_weights`).
 
   Args:
-    directory: where checkpoints live (created on host 0), e.g. '<workdir>/checkpoints'.
+    directory: '<workdir>/checkpoints' (local or gs://).
     options: cadence and retention (`config.checkpoint`).
-    is_writer: whether this process writes (True on host 0 only).
-    async_save: write in a background thread (orbax async); `close()` waits for it.
+    async_save: write in a background thread (orbax async); `wait()` waits for it.
   """
 
-  def __init__(self, directory: str, options: CheckpointOptions = CheckpointOptions(), *,
-               is_writer: bool = True, async_save: bool = True) -> None:
-    self.directory = os.path.abspath(directory)
-    self.is_writer = is_writer
+  def __init__(self, directory: paths.PathLike,
+               options: CheckpointOptions = CheckpointOptions(), *,
+               async_save: bool = True) -> None:
+    self.directory = paths.resolve(directory)
+    self.options = options
+    self.is_primary = jax.process_index() == 0
     self._last_save_step: Optional[int] = None
-    self._manager: Optional[ocp.CheckpointManager] = None
+    self._last_save_time = time.monotonic()
     self._async = async_save
-    # Saved steps whose files are not digested yet, and the thread that digests them.
+    self._rules = _Rules(frozenset(), True)
+    # Saved steps whose files are not sealed yet, and the thread that seals them.
     self._unsealed: list[int] = []
     self._sealer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     self._sealing: list[concurrent.futures.Future] = []
     # (path, reason) of checkpoints skipped by the last restore, newest first.
     self.unreadable: list[tuple[str, str]] = []
-    if is_writer:
-      manager_options = ocp.CheckpointManagerOptions(
-          # create=False: orbax refuses to create the root when active_processes is set.
-          max_to_keep=options.keep, create=False, enable_async_checkpointing=async_save,
-          save_decision_policy=_save_policy(options),
-          # Only host 0 takes part: other hosts never call into orbax, so no barriers.
-          multiprocessing_options=ocp.options.MultiprocessingOptions(
-              primary_host=jax.process_index(), active_processes={jax.process_index()}),
-          cleanup_tmp_directories=True)
-      os.makedirs(self.directory, exist_ok=True)
-      self._manager = ocp.CheckpointManager(self.directory, options=manager_options,
-                                            item_names=("state", "meta"))
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(
+            max_to_keep=options.keep, create=True, enable_async_checkpointing=async_save,
+            save_decision_policy=_save_policy(options), cleanup_tmp_directories=True))
 
   # ---------------------------------------------------------------- signature
   def check_signature(self, signature: dict) -> None:
-    """Refuses to continue if existing checkpoints belong to a different model.
+    """Refuses checkpoints of another model; records the signature (and format) if new.
 
-    Writes the signature when the directory holds no checkpoint yet.
-
-    Args:
-      signature: from `model_signature`.
-
-    Raises:
+    Raises (on every process):
       SignatureMismatchError: checkpoints exist and their stored signature differs.
     """
-    if not self.is_writer:
-      return
-    path = os.path.join(self.directory, SIGNATURE_FILE)
-    if self.all_steps() and os.path.exists(path):
+    error = None
+    if self.is_primary:
       try:
-        with open(path) as f:
-          old = json.load(f)
-      except (OSError, ValueError) as e:
-        raise SignatureMismatchError(
-            f"{path} is unreadable ({type(e).__name__}: {e}); restore it from a backup, or "
-            "delete it to accept the checkpoints beside it as this model's.") from None
-      new = json.loads(json.dumps(signature))  # Normalise tuples -> lists, int keys -> str.
-      if old != new:
-        raise SignatureMismatchError(
-            f"Workdir {os.path.dirname(self.directory)} holds checkpoints of a different model "
-            f"({_signature_diff(old, new)}); use a fresh --workdir or restore the original config.")
-      return
-    os.makedirs(self.directory, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(signature, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)  # Atomic: a crash never leaves a half-written signature.
+        self._rules = self._check_signature(signature)
+      except SignatureMismatchError as e:
+        error = e
+    raise_together(error)
+    if not self.is_primary:
+      self._rules = _Rules.of(integrity.read_signature(self.directory))
+
+  def _check_signature(self, signature: dict) -> _Rules:
+    old = integrity.read_signature(self.directory)
+    existing = [s for s, _ in step_dirs(self.directory)]
+    if old is not None and existing and not integrity.same_model(old, signature):
+      raise SignatureMismatchError(
+          f"Workdir {self.directory.parent} holds checkpoints of a different model "
+          f"({integrity.signature_diff(old, signature)}); use a fresh --workdir or restore "
+          "the original config.")
+    if existing and old is not None and old.get("checkpoint_format", 0) >= (
+        integrity.FORMAT_VERSION):
+      return _Rules.of(old)
+    if existing:
+      # Checkpoints of an older format stay readable by their own rules; new ones are strict.
+      signature = dict(signature, legacy_steps=existing)
+    paths.write_text_atomic(self.directory / integrity.SIGNATURE_FILE,
+                            json.dumps(signature, indent=1, sort_keys=True))
+    return _Rules.of(signature)
 
   # ------------------------------------------------------------------ restore
   def all_steps(self) -> list[int]:
-    """Steps of the finished checkpoints on disk, ascending."""
-    if self._manager is None:
-      return []
-    self._manager.reload()
-    return sorted(self._manager.all_steps())
+    """Steps of the committed checkpoints, ascending."""
+    return [s for s, _ in step_dirs(self.directory)]
 
   def restore_latest(self, template: Any) -> tuple[Optional[Any], int]:
-    """Restores the newest readable checkpoint into the structure of `template`.
+    """Restores the newest readable checkpoint as global arrays shaped like `template`.
 
     Args:
-      template: a host-local TrainState (arrays or ShapeDtypeStructs) giving the tree
-        structure, shapes and dtypes.
+      template: a TrainState of ShapeDtypeStructs carrying the shardings to restore to.
 
     Returns:
-      (state, step): the restored tree and its step, or (None, 0) when there is none.
-    """
-    restored, step, error = None, 0, None
-    if self.is_writer:
-      try:
-        restored, step = self._restore_on_writer(template)
-      except ValueError as e:  # Unreadable checkpoints or another model's: see raise_together.
-        error = e
-    raise_together(error)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      found = multihost_utils.broadcast_one_to_all(np.int32(restored is not None))
-      if not found:
-        return None, 0
-      if restored is None:  # Non-writers receive the writer's values.
-        restored = jax.tree.map(lambda x: np.zeros(np.shape(x), x.dtype), template)
-      restored = multihost_utils.broadcast_one_to_all(restored)
-      step = int(multihost_utils.broadcast_one_to_all(np.int64(step)))
-    return restored, step
+      (state, step), or (None, 0) when there is no checkpoint.
 
-  def _restore_on_writer(self, template: Any) -> tuple[Optional[Any], int]:
-    leaves, treedef = jax.tree_util.tree_flatten(template)
-    paths = _leaf_paths(template)
-    shapes = [[int(d) for d in np.shape(x)] for x in leaves]
-    target = {f"{i:05d}": np.zeros(np.shape(x), np.dtype(x.dtype)) for i, x in enumerate(leaves)}
+    Raises (on every process):
+      SignatureMismatchError: a sealed checkpoint holds another layout.
+      ValueError: checkpoints exist but none is readable.
+    """
     self.unreadable = []
-    steps = self.all_steps()
-    for step in reversed(steps):
-      name = os.path.join(self.directory, str(step))
+    target = _as_dict(template)
+    found = step_dirs(self.directory)
+    for step, step_dir in reversed(found):
+      restored, reason, error = None, "", None
       try:
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        meta = meta["meta"]
-      except Exception as e:  # pylint: disable=broad-except
-        self._note_unreadable(name, e)
-        continue
-      # Layout and shapes are checked from the small JSON first: a checkpoint of another
-      # model must be refused, never mistaken for a corrupt one (which would fall back and,
-      # with nothing left, silently start from scratch).
-      if list(meta.get("paths", [])) != paths:
-        raise SignatureMismatchError(
-            f"Checkpoint {name} holds a different train-state layout than this run builds "
-            "(optimizer or model changed); use a fresh --workdir or restore the original config.")
-      if "shapes" in meta and meta["shapes"] != shapes:
-        bad = next(p for p, a, b in zip(paths, meta["shapes"], shapes) if a != b)
-        raise SignatureMismatchError(
-            f"Checkpoint {name} holds {bad} with a different shape than this model builds; "
-            "use a fresh --workdir or restore the original config.")
-      try:
-        verify_files(name)
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))
-        arrays = {k: np.asarray(v) for k, v in out["state"].items()}
-        self._verify(meta, arrays)
-      except Exception as e:  # pylint: disable=broad-except
-        # Any failure to read (truncated file, missing shard, bad metadata, changed bytes)
-        # means this checkpoint is unusable; the previous one was written completely before it.
-        self._note_unreadable(name, e)
-        continue
-      state = jax.tree_util.tree_unflatten(treedef, [arrays[k] for k in sorted(arrays)])
-      self._set_aside_newer(step)
-      self._last_save_step = step
-      logging.info("Restored checkpoint %s (step %d).", name, step)
-      return state, step
-    if steps:
+        restored = load_step(step_dir, step, target, self._rules, partial=False,
+                             on_device=True, verify=self.is_primary)
+      except UnreadableError as e:
+        reason = str(e)
+      except SignatureMismatchError as e:
+        error = e
+      raise_together(error)
+      verdict = agree(restored is not None, reason)
+      if verdict is None:
+        self._set_aside_newer(step)
+        if self.is_primary and not integrity.is_sealed(step_dir):
+          integrity.seal(step_dir)  # A kill after the commit left it unsealed.
+        self._last_save_step = step
+        logging.info("Restored checkpoint %s (step %d).", step_dir, step)
+        # Older formats come back as numpy: place them like the template.
+        restored = jax.tree.map(
+            lambda x, t: mesh_lib.place(x, t.sharding) if isinstance(
+                getattr(t, "sharding", None), jax.sharding.Sharding) and not isinstance(
+                    x, jax.Array) else x, restored, target)
+        return (type(template)(**restored) if hasattr(template, "_asdict") else restored), step
+      self.unreadable.append((os.fspath(step_dir), verdict))
+    if found:
       # Starting from scratch here would silently throw away a run: refuse instead.
       raise ValueError(
-          f"All {len(steps)} checkpoints in {self.directory} are unreadable (newest: "
+          f"All {len(found)} checkpoints in {self.directory} are unreadable (newest: "
           f"{self.unreadable[0][1]}); move that directory away to start from scratch.")
     return None, 0
-
-  @staticmethod
-  def _verify(meta: dict, arrays: dict[str, np.ndarray]) -> None:
-    """Raises when the restored arrays are not the bytes that were saved (version >= 2)."""
-    if meta.get("format", 1) < 2:
-      return
-    saved = meta.get("digests")
-    if not isinstance(saved, dict) or sorted(saved) != sorted(arrays):
-      raise ValueError("its digest list does not match its arrays")
-    got = _digests(arrays)
-    bad = [k for k in sorted(arrays) if got[k] != saved[k]]
-    if bad:
-      where = meta["paths"][int(bad[0])] if bad[0].isdigit() else bad[0]
-      raise ValueError(f"digest mismatch in {len(bad)} array(s), first {where}: the data "
-                       "changed on disk after it was written")
-
-  def _note_unreadable(self, name: str, error: Exception) -> None:
-    first = str(error).splitlines()[0][:200] if str(error) else ""
-    reason = f"{type(error).__name__}: {first}"
-    self.unreadable.append((name, reason))
-    logging.info("Checkpoint %s is unreadable (%s); falling back to the previous one.",
-                 name, reason)
 
   def _set_aside_newer(self, step: int) -> None:
     """Moves unreadable checkpoints newer than `step` out of the way, kept for inspection.
@@ -365,89 +445,109 @@ class Checkpointer:
     The resumed run will write those step numbers again, which orbax refuses while a
     directory of that name exists.
     """
-    aside = os.path.join(os.path.dirname(self.directory), "unreadable_checkpoints")
-    for name, _ in self.unreadable:
-      if int(os.path.basename(name)) > step and os.path.exists(name):
-        target = os.path.join(aside, f"{os.path.basename(name)}.{int(time.time())}")
-        while os.path.exists(target):  # The same step set aside twice within a second.
-          target += "_"
+    error = None
+    if self.is_primary:
+      aside = self.directory.parent / UNREADABLE_DIR
+      for name, _ in self.unreadable:
+        source = epath.Path(name)
+        if int(source.name) <= step or not source.exists():
+          continue
+        target = aside / f"{source.name}.{int(time.time())}"
+        while target.exists():  # The same step set aside twice within a second.
+          target = target.with_name(target.name + "_")
         try:
-          os.makedirs(aside, exist_ok=True)
-          os.replace(name, target)
+          aside.mkdir(parents=True, exist_ok=True)
+          source.rename(target)
         except OSError as e:
-          raise ValueError(f"Checkpoint {name} is unreadable and cannot be moved to {aside} "
-                           f"({e.strerror}); move or delete it by hand, then rerun.") from None
+          error = ValueError(f"Checkpoint {name} is unreadable and cannot be moved to {aside} "
+                             f"({e.strerror}); move or delete it by hand, then rerun.")
+          break
+    raise_together(error)
     if self.unreadable:
       self._manager.reload()
 
   # --------------------------------------------------------------------- save
-  def should_save(self, step: int) -> bool:
-    """Whether orbax's save policies (every N steps / M seconds) want a checkpoint at `step`."""
-    if self._manager is None or (self._last_save_step is not None
-                                 and step <= self._last_save_step):
-      return False
-    return self._manager.should_save(step)
+  def time_due(self) -> bool:
+    """Whether `every_seconds` passed since the last save (this host's clock)."""
+    every = self.options.every_seconds
+    return bool(every) and time.monotonic() - self._last_save_time >= every
+
+  def step_due(self, step: int) -> bool:
+    every = self.options.every_steps
+    return bool(every) and step % every == 0
 
   def save(self, step: int, state: Any) -> bool:
-    """Writes `state` as checkpoint `step` (no-op on non-writers or if already saved).
+    """Writes `state` as checkpoint `step`, on every process (a no-op if already saved).
 
     Args:
       step: the training step the state has completed (also the data position).
-      state: host-local TrainState; it is copied to host memory before returning, so the
-        caller may donate the device buffers to the next step at once.
+      state: the TrainState of global arrays. It is copied to host memory before this
+        returns, so the caller may donate the device buffers to the next step at once.
 
     Returns:
       True if a save was started.
 
-    Raises:
+    Raises (on every process):
       NonFiniteStateError: a leaf holds NaN or Inf (nothing is written).
     """
-    if self._manager is None or step == self._last_save_step:
+    if step == self._last_save_step:
       return False
-    leaves = jax.device_get(jax.tree_util.tree_leaves(state))
-    arrays = {f"{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
-    paths = _leaf_paths(state)
-    bad = first_nonfinite(dict(zip(paths, leaves)))
-    if bad is not None:
-      raise NonFiniteStateError(f"the state to checkpoint at step {step} holds NaN/Inf in {bad}")
-    meta = {"format": FORMAT_VERSION, "paths": paths,
-            "shapes": [list(np.shape(x)) for x in leaves], "digests": _digests(arrays),
-            "step": int(step), "time": time.time()}
-    # The previous write must have committed before its files can be digested (orbax would
-    # wait for it here anyway); the digests are then taken in the background.
+    named = _as_dict(state)
+    meta = {"format": integrity.FORMAT_VERSION, "step": int(step), "time": time.time()}
+    error = None
+    if self.is_primary:
+      # Host copies: process 0 writes the (replicated) arrays, as orbax would, and saved as
+      # numpy they carry no device layout, so stock orbax restores them on any topology.
+      tree = jax.tree.map(_host, named)
+      host = integrity.leaves_by_path(tree)
+      bad = first_nonfinite(host)
+      if bad is not None:
+        error = NonFiniteStateError(f"the state to checkpoint at step {step} holds NaN/Inf "
+                                    f"in {bad}")
+      meta.update(shapes={p: list(x.shape) for p, x in host.items()},
+                  digests=integrity.digests(host))
+    else:  # Only process 0 writes numpy arrays: the others pass views of a zero, no copies.
+      tree = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape), named)
+    raise_together(error)
+    # The previous write must have committed before its files can be sealed (orbax would wait
+    # for it here anyway); the seal is then computed in the background.
     self._manager.wait_until_finished()
     self._seal_committed(background=True)
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
+        state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True)
     self._unsealed.append(step)
     self._last_save_step = step
+    self._last_save_time = time.monotonic()
     if not self._async:
-      self._seal_committed(background=False)
+      self.wait()
     return True
 
   def _seal_committed(self, background: bool) -> None:
-    """Digests the files of every committed, unsealed checkpoint."""
     steps, self._unsealed = self._unsealed, []
+    if not self.is_primary:
+      return
     for step in steps:
-      step_dir = os.path.join(self.directory, str(step))
+      step_dir = self.directory / str(step)
       if background:
-        self._sealing.append(self._sealer.submit(seal, step_dir))
+        self._sealing.append(self._sealer.submit(integrity.seal, step_dir))
       else:
-        seal(step_dir)
+        integrity.seal(step_dir)
 
   def wait(self) -> None:
-    """Blocks until any background write has been committed and its files digested."""
-    if self._manager is not None:
-      self._manager.wait_until_finished()
-      self._seal_committed(background=False)
+    """Blocks until any background write has been committed and sealed."""
+    self._manager.wait_until_finished()
+    self._seal_committed(background=False)
     for future in self._sealing:
       future.result()
     self._sealing = []
 
   def close(self) -> None:
-    """Waits for pending writes and digests and releases orbax resources."""
+    """Waits for pending writes and seals and releases orbax resources."""
     if self._manager is not None:
-      self.wait()
-      self._manager.close()
-      self._manager = None
-    self._sealer.shutdown(wait=True)
+      try:
+        self.wait()
+      finally:
+        self._manager.close()
+        self._manager = None
+        self._sealer.shutdown(wait=True)
+

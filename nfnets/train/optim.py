@@ -153,8 +153,6 @@ def build_optimizer(opt_config: Optional[OptimizerOptions] = None, *, batch_size
     learning rate of step t as `schedule(t)`, and AGC statistics with `agc.agc_metrics`.
   """
   opt_config = opt_config or OptimizerOptions()
-  if opt_config.name not in OPTIMIZERS:
-    raise ValueError(f"Unknown optimizer {opt_config.name!r}; use one of {sorted(OPTIMIZERS)}.")
   if batch_size <= 0 or steps_per_epoch <= 0 or total_steps <= 0:
     raise ValueError(f"batch_size, steps_per_epoch and total_steps must be > 0 (got "
                      f"{batch_size}, {steps_per_epoch}, {total_steps}).")

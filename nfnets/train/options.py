@@ -70,6 +70,10 @@ class AGCOptions:
   with_adam: bool = False
 
 
+# The optimizers nfnets.train.optim builds (checked here, once, when the config is read).
+OPTIMIZER_NAMES = ("sgd_agc", "sgd", "adam", "adamw")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerOptions:
   """`config.optimizer`: the paper's SGD + AGC + warm-up/cosine + EMA recipe by default.
@@ -105,6 +109,9 @@ class OptimizerOptions:
   agc: AGCOptions = dataclasses.field(default_factory=AGCOptions)
 
   def __post_init__(self):
+    if self.name not in OPTIMIZER_NAMES:
+      raise ValueError(f"Unknown optimizer.name {self.name!r}; use one of "
+                       f"{list(OPTIMIZER_NAMES)}.")
     if not 0.0 <= self.ema_decay < 1.0:
       raise ValueError(f"optimizer.ema_decay must be in [0, 1), got {self.ema_decay}; the paper "
                        "uses 0.99999.")
@@ -125,13 +132,16 @@ class TrainOptions:
     sam_fraction: Share of each device's batch used for the SAM ascent.
     skip_nonfinite: Skip a step with non-finite loss or gradients (counted) instead of stopping.
     log_every_steps: Train metrics are averaged over this many steps and logged.
-    debug_nan_step: > 0 replaces the batch of this (1-based) step by NaNs, to try the
-      non-finite handling.
+    debug_nan_step: > 0 replaces the last device's inputs of this (1-based) step by NaNs (one
+      host's data), to try the non-finite handling.
     grad_accum_steps: k: each device processes its batch in k micro-batches inside one step;
       the update, AGC, weight decay, schedule and EMA see the mean gradient of the whole
       global batch, as with k = 1.
     device_batch_limit: > 0 (and grad_accum_steps = 1): the smallest k whose micro-batch has
       at most this many examples per device is chosen.
+    record_examples: Debug: each process appends the data set indices of its rows of every
+      training batch to <workdir>/examples/process_<i>.jsonl (to check that a run sees the
+      same examples on any topology; local workdirs only).
   """
   batch_size: int = 4096
   num_epochs: float = 360.0
@@ -145,6 +155,7 @@ class TrainOptions:
   debug_nan_step: int = 0
   grad_accum_steps: int = 1
   device_batch_limit: int = 0
+  record_examples: bool = False
 
   def __post_init__(self):
     if self.batch_size <= 0:
@@ -209,23 +220,25 @@ class CheckpointOptions:
 
 @dataclasses.dataclass(frozen=True)
 class InitOptions:
-  """`config.init`: start from released or saved weights instead of random init.
+  """`config.init`: start from trained weights instead of a random init (fine-tuning).
 
   Attributes:
-    official_weights: DeepMind's F*_haiku.npz (read with the restricted unpickler).
-    params_path: Our npz from nfnets.weights.save_params.
-    drop_head: Keep a fresh classifier (fine-tuning on new classes).
+    weights: DeepMind's F*_haiku.npz (read with the restricted unpickler), our npz
+      (nfnets.weights.save_params / `python -m nfnets.export --formats=npz`), or a run's
+      workdir (its newest verified checkpoint). When the source records its architecture (a
+      workdir, our npz with a ModelSpec, DeepMind's files by their shapes), the model is taken
+      from it: config.model's family and kwargs are replaced, except the regularisation rates
+      (drop_rate, stochdepth_rate), which stay the config's.
+    ema: From a workdir: its EMA weights (what the paper evaluates) or the raw ones.
+    reset_head: Re-initialise the classifier even when the class count matches (it is always
+      re-initialised when the class count differs).
     head_pattern: Regex over module names of the classifier (top-level 'linear' only, not
       the SE blocks' nested ones).
   """
-  official_weights: str = ""
-  params_path: str = ""
-  drop_head: bool = False
+  weights: str = ""
+  ema: bool = True
+  reset_head: bool = False
   head_pattern: str = r"^[^/]+/~/linear$"
-
-  def __post_init__(self):
-    if self.official_weights and self.params_path:
-      raise ValueError("Set only one of init.official_weights and init.params_path.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,6 +317,16 @@ class ExperimentOptions:
   def to_json(self) -> str:
     return json.dumps(to_plain(self), indent=2, sort_keys=True)
 
+  def with_absolute_paths(self) -> "ExperimentOptions":
+    """The same options with local data/weights paths made absolute (URLs kept), so a run's
+    config.json means the same from any directory."""
+    from nfnets import paths  # pylint: disable=g-import-not-at-top
+    fix = lambda p: paths.absolute(p) if p else p
+    data = dataclasses.replace(self.data, data_dir=fix(self.data.data_dir),
+                               folder=fix(self.data.folder))
+    init = dataclasses.replace(self.init, weights=fix(self.init.weights))
+    return dataclasses.replace(self, data=data, init=init)
+
 
 def to_plain(value: Any) -> Any:
   """Dataclasses, ConfigDicts, mappings and tuples as plain JSON-able dicts and lists.
@@ -324,9 +347,27 @@ def to_plain(value: Any) -> Any:
   return value
 
 
+# Keys of workdirs written by earlier versions: old name -> (new name, value conversion).
+_RENAMED = {
+    "InitOptions": {"official_weights": ("weights", None), "params_path": ("weights", None),
+                    "drop_head": ("reset_head", None)},
+}
+
+
+def _renamed(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+  out = {}
+  for key, value in values.items():
+    new, _ = _RENAMED.get(cls.__name__, {}).get(key, (key, None))
+    if new != key and (value in ("", None) or new in values):
+      continue  # An empty old key, or the new key given too: the new one wins.
+    out[new] = value
+  return out
+
+
 def _build(cls: type, values: Any, path: str) -> Any:
   if not isinstance(values, Mapping):
     raise ValueError(f"{path} must be a section (a dict), got {type(values).__name__}.")
+  values = _renamed(cls, values)
   hints = typing.get_type_hints(cls)
   fields = {f.name: f for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - set(fields))

@@ -22,7 +22,8 @@ fragmentation is ignored. Leave headroom (the plan keeps 10 %).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+import time
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -94,15 +95,17 @@ def choose(settings: list[dict[str, Any]], budget_bytes: float) -> Optional[dict
   return next((s for s in settings if s["peak_bytes"] <= budget_bytes), None)
 
 
-def plan(options: ExperimentOptions, remat_modes: Sequence[str] = ("none", "block")
-         ) -> dict[str, Any]:
+def plan(options: ExperimentOptions, remat_modes: Sequence[str] = ("none", "block"),
+         progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
   """The plan as a dict (see the module docstring); `print_plan` formats it.
 
   Args:
     options: the experiment to plan.
     remat_modes: the `model.remat` settings to estimate (each costs two compilations); the
       configured one is always included.
+    progress: called with a line before each slow part (the compilations), e.g. print.
   """
+  progress = progress or (lambda line: None)
   remat_modes = tuple(dict.fromkeys(tuple(remat_modes) + (options.model.remat,)))
   devices = options.plan.num_devices or jax.device_count()
   batch = options.train.batch_size
@@ -117,6 +120,7 @@ def plan(options: ExperimentOptions, remat_modes: Sequence[str] = ("none", "bloc
 
   from nfnets.analysis import flops  # pylint: disable=g-import-not-at-top
   forward = registry.make_forward(options.model.name, num_classes, **options.model.kwargs)
+  progress(f"{options.model.name} at {size} px: counting parameters and FLOPs ...")
   cost = flops.model_cost(forward, (size, size), channels=channels)
   train_flops_per_image = 6.0 * cost["macs"]
 
@@ -127,9 +131,17 @@ def plan(options: ExperimentOptions, remat_modes: Sequence[str] = ("none", "bloc
   params_f32 = sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(ts.params))
   fits: list[Setting] = []
   probes: dict[str, dict[int, float]] = {}
+  total = len(_PROBE_BATCHES) * len(remat_modes)
+  done = 0
   for remat in remat_modes:
-    temps = {m: _activation_bytes(options, remat, m, num_classes, channels)
-             for m in _PROBE_BATCHES}
+    temps = {}
+    for m in _PROBE_BATCHES:
+      done += 1
+      progress(f"compiling the forward + backward pass at micro-batch {m}, remat={remat} "
+               f"({done} of {total}) ...")
+      start = time.monotonic()
+      temps[m] = _activation_bytes(options, remat, m, num_classes, channels)
+      progress(f"  {time.monotonic() - start:.0f} s")
     probes[remat] = temps
     (m1, t1), (m2, t2) = sorted(temps.items())
     slope = max((t2 - t1) / (m2 - m1), 0.0)
@@ -220,6 +232,7 @@ def format_plan(result: dict[str, Any], options: ExperimentOptions) -> str:
 
 
 def print_plan(options: ExperimentOptions) -> dict[str, Any]:
-  result = plan(options)
+  """Plans, printing what it is doing as it goes (each compilation takes seconds to minutes)."""
+  result = plan(options, progress=lambda line: print(f"plan: {line}", flush=True))
   print(format_plan(result, options), flush=True)
   return result

@@ -2,9 +2,13 @@
 
 Everything is written under the workdir by host 0 only (other hosts construct a `Reporter`
 with `is_writer=False`, which only keeps time). Files:
-  <workdir>/config.json      the resolved config of the run
-  <workdir>/metrics.jsonl    one JSON object per logged step: {"step": .., "split": .., ...}
+  <workdir>/metrics.jsonl    one JSON object per logged step: {"step": .., "split": .., ...};
+                             a resumed run first drops the records of steps after its checkpoint
+                             (they were trained again), so every step appears once
   <workdir>/tb/              TensorBoard event files (tf.summary), when TensorFlow is importable
+  <workdir>/log.txt          library log records (orbax, absl, JAX, TF)
+A workdir on object storage (gs://) cannot be appended to: metrics.jsonl is rewritten whole at
+each log step there (it stays small: one line per logged step).
 
 Progress lines are meant for humans reading a log, e.g.
   step   200/1000 (20.0%) | loss 0.4123 | top1 0.8750 | lr 0.0800 | 1234 img/s/dev | ETA 0:01:05
@@ -25,6 +29,8 @@ from typing import Any, Mapping, Optional, TextIO
 
 import numpy as np
 
+from nfnets import paths
+
 
 LOG_FILE = "log.txt"
 
@@ -41,6 +47,8 @@ def route_library_logs(workdir: Optional[str], console_level: int = logging.ERRO
   for handler in root.handlers:
     if not isinstance(handler, logging.FileHandler):
       handler.setLevel(console_level)
+  if workdir is not None and paths.is_url(workdir):
+    workdir = None  # No appendable file on object storage: library logs stay off the console.
   if workdir is not None and not any(getattr(h, "_nfnets", False) for h in root.handlers):
     file_handler = logging.FileHandler(os.path.join(workdir, LOG_FILE))
     file_handler.setLevel(logging.INFO)
@@ -119,6 +127,41 @@ def peak_flops(device_kind: str) -> Optional[float]:
   return None
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def _step_of(line: str) -> Optional[int]:
+  """The step of a metrics.jsonl line (None for a line cut short by a kill)."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+class Profiler:
+  """A jax.profiler trace of steps [start, start + num) on host 0, under <workdir>/profile."""
+
+  def __init__(self, start_step: int, num_steps: int, logdir: str, enabled: bool):
+    self.start, self.stop = start_step, start_step + max(num_steps, 1)
+    self.logdir = logdir
+    self.enabled = enabled and start_step > 0
+    self.active = False
+
+  def before_step(self, step: int) -> None:
+    """`step` is the 1-based step about to run."""
+    if self.enabled and not self.active and step == self.start:
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+
+  def after_step(self, step: int, block_on: Any) -> None:
+    if self.active and step + 1 >= self.stop:
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.block_until_ready(block_on)
+      jax.profiler.stop_trace()
+      self.active = False
+
+
 class Throughput:
   """Measures images/s per device, MFU, core-hours and the ETA, excluding compilation.
 
@@ -194,17 +237,23 @@ class Reporter:
     self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
     self._bar_shown = False
     self._jsonl: Optional[TextIO] = None
+    self._metrics_path = paths.resolve(workdir) / METRICS_FILE
+    self._lines: Optional[list[str]] = None  # Object storage: the whole file, rewritten.
     self._tb = None
     if not is_writer:
       return
-    os.makedirs(workdir, exist_ok=True)
-    # Append: a resumed run continues the same log (steps say where it restarted).
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    if paths.is_url(workdir):
+      self._lines = (self._metrics_path.read_text().splitlines(keepends=True)
+                     if self._metrics_path.exists() else [])
+    else:
+      os.makedirs(workdir, exist_ok=True)
+      # Append: a resumed run continues the same log (steps say where it restarted).
+      self._jsonl = open(self._metrics_path, "a", buffering=1)
     if tensorboard:
       try:
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
         self._tf = tf
-        self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
+        self._tb = tf.summary.create_file_writer(os.fspath(paths.resolve(workdir) / "tb"))
         # tf.summary.scalar needs the separate `tensorboard` package; writing the tensor with
         # the 'scalars' plugin tag ourselves produces the identical event without it.
         self._scalar_md = tf.compat.v1.SummaryMetadata(
@@ -231,12 +280,36 @@ class Reporter:
     # json cannot write NaN/Inf portably: store them as strings so the file stays valid.
     record = {k: (repr(v) if isinstance(v, float) and not math.isfinite(v) else v)
               for k, v in record.items()}
-    self._jsonl.write(json.dumps(record) + "\n")
+    if self._lines is not None:
+      self._lines.append(json.dumps(record) + "\n")
+      self._metrics_path.write_text("".join(self._lines))
+    else:
+      self._jsonl.write(json.dumps(record) + "\n")
     if self._tb is not None:
       with self._tb.as_default(step=int(step)):
         for k, v in values.items():
           self._tf.summary.write(f"{split}/{k}", self._tf.constant(v, self._tf.float32),
                                  metadata=self._scalar_md)
+
+  def forget_after(self, step: int) -> None:
+    """Drops the records of steps after `step` (a resumed run trains them again)."""
+    if not self.is_writer:
+      return
+    if self._lines is not None:
+      lines = self._lines
+    else:
+      self._jsonl.close()
+      with open(self._metrics_path) as f:
+        lines = f.readlines()
+    # Lines cut short by a kill (no step) go too: the next record would be glued to them.
+    kept = [line if line.endswith("\n") else line + "\n" for line in lines
+            if _step_of(line) is not None and _step_of(line) <= step]
+    if kept != lines:
+      paths.write_text_atomic(self._metrics_path, "".join(kept))
+    if self._lines is not None:
+      self._lines = kept
+    else:
+      self._jsonl = open(self._metrics_path, "a", buffering=1)
 
   def compile_done(self, step: int, seconds: float) -> None:
     """Reports the first step's time (dominated by compilation) and starts throughput timing."""

@@ -1,8 +1,8 @@
-"""The training state: one pytree holding everything a step changes, and its device layout.
+"""The training state: one pytree holding everything a step changes.
 
-`TrainState` is what a checkpoint saves and what the pmapped step donates and returns. Its
-field order is part of the checkpoint format (leaf paths are stored with each checkpoint), so
-new fields go at the end, if ever.
+`TrainState` is what a checkpoint saves (under its field names: `params/...`, `opt_state/...`,
+`step`, `rng`) and what the train step donates and returns, as replicated global arrays on the
+device mesh (`nfnets.train.mesh`): no leading device axis, whatever the topology.
 """
 
 from collections.abc import Mapping, Sequence
@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-AXIS_NAME = 'batch'
+from nfnets.train import mesh as mesh_lib
+
 PyTree = Any
 
 
@@ -29,7 +30,7 @@ def fast_compile_options() -> Optional[dict[str, Any]]:
 
 
 class TrainState(NamedTuple):
-  """Everything that changes during training; a pytree, so it can be pmapped and saved.
+  """Everything that changes during training; a pytree, so it can be jitted and saved.
 
   Attributes:
     step: int32 scalar, steps taken so far: the data position (batch `step` comes next).
@@ -40,7 +41,7 @@ class TrainState(NamedTuple):
     opt_state: optax state of `optimizer`.
     ema_params: exponential moving average of `params`.
     ema_state: exponential moving average of `state`.
-    rng: raw uint32 PRNG key; the per-step key is fold_in(fold_in(rng, step), device).
+    rng: raw uint32 PRNG key; the step's key is fold_in(rng, step) (see nfnets.train.step).
   """
   step: jax.Array
   params: hk.Params
@@ -75,17 +76,20 @@ def cast_floats(tree: PyTree, dtype: Any) -> PyTree:
 def init_train_state(forward: hk.TransformedWithState,
                      optimizer: optax.GradientTransformation,
                      rng: Any,
-                     image_shape: Sequence[int]) -> TrainState:
-  """Initialises params, state, optimizer state and EMA copies on the host's default device.
+                     image_shape: Sequence[int],
+                     mesh: Optional[Mesh] = None) -> TrainState:
+  """Initialises params, state, optimizer state and EMA copies.
 
   Args:
     forward: transformed model; `forward.init(rng, images, is_training=True)`.
     optimizer: the optax transformation used by the train step.
     rng: int seed or PRNG key; split into an init key and the per-run base key.
     image_shape: (H, W, C) or (B, H, W, C) of one example / batch (only shapes matter).
+    mesh: put the state on this mesh as replicated global arrays (what the train step
+      takes); None: on the default device.
 
   Returns:
-    An unreplicated TrainState with step 0; pass it through `replicate` for the train step.
+    A TrainState with step 0.
   """
   shape = tuple(int(d) for d in image_shape)
   if len(shape) == 3:
@@ -103,9 +107,11 @@ def init_train_state(forward: hk.TransformedWithState,
   params, state = cast_floats(params, jnp.float32), cast_floats(state, jnp.float32)
   opt_state = jax.jit(optimizer.init)(params)
   # Separate buffers for the EMA copies: the train step donates the whole state.
-  return TrainState(step=jnp.zeros([], jnp.int32), params=params, state=state,
-                    opt_state=opt_state, ema_params=jax.tree.map(jnp.copy, params),
-                    ema_state=jax.tree.map(jnp.copy, state), rng=base_rng)
+  ts = TrainState(step=jnp.zeros([], jnp.int32), params=params, state=state,
+                  opt_state=opt_state, ema_params=jax.tree.map(jnp.copy, params),
+                  ema_state=jax.tree.map(jnp.copy, state), rng=base_rng)
+  # Every process computed the same values from the same seed: each places its own copies.
+  return mesh_lib.replicate(jax.device_get(ts), mesh) if mesh is not None else ts
 
 
 def abstract_train_state(forward: hk.TransformedWithState,
@@ -121,60 +127,6 @@ def abstract_train_state(forward: hk.TransformedWithState,
                       opt_state=optimizer.init(params), ema_params=params, ema_state=state,
                       rng=jax.random.key_data(jax.random.key(0)))
   return jax.eval_shape(build)
-
-
-def replicate(tree: PyTree, devices: Optional[Sequence[jax.Device]] = None) -> PyTree:
-  """Puts one copy of every leaf on each device, laid out as a pmap input [D, ...].
-
-  The NamedSharding over a 1-D mesh named 'batch' is exactly what `jax.pmap` returns, so
-  feeding the result to a pmapped step causes no resharding.
-
-  Args:
-    tree: host-local pytree of arrays.
-    devices: the devices of the pmap; default `jax.local_devices()`.
-  """
-  devices = list(jax.local_devices() if devices is None else devices)
-  sharding = NamedSharding(Mesh(np.array(devices), (AXIS_NAME,)), PartitionSpec(AXIS_NAME))
-
-  def put(x):
-    x = np.asarray(x)
-    # broadcast_to is a view: the host never holds D copies, device_put slices it per device.
-    return jax.device_put(np.broadcast_to(x, (len(devices),) + x.shape), sharding)
-
-  return jax.tree.map(put, tree)
-
-
-def shard(tree: PyTree, devices: Optional[Sequence[jax.Device]] = None) -> PyTree:
-  """Sends a host batch laid out [D, ...] to the devices, row d to device d (asynchronously).
-
-  The same layout as `replicate` and a pmap output, so the step reads it without resharding.
-  Called one batch ahead of the step that consumes it, the copy overlaps the running step.
-
-  Args:
-    tree: host pytree whose leaves have a leading axis of len(devices).
-    devices: the devices of the pmap; default `jax.local_devices()`.
-  """
-  devices = list(jax.local_devices() if devices is None else devices)
-  sharding = NamedSharding(Mesh(np.array(devices), (AXIS_NAME,)), PartitionSpec(AXIS_NAME))
-  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
-
-
-def unreplicate(tree: PyTree) -> PyTree:
-  """Host (numpy) copy of the first local device's replica (replicas agree after a synced step).
-
-  Reads the first shard's buffer directly and copies it: `x[0]` on a device array would compile
-  one tiny program per leaf shape in every (re)started process (seconds of start-up on a small
-  CPU), and the copy stays valid after the replicated input is donated to the next step.
-
-  Args:
-    tree: replicated pytree (leading device axis) of device or host arrays.
-  """
-  def first(x):
-    if isinstance(x, jax.Array):
-      return np.array(x.addressable_shards[0].data)[0]
-    return np.array(x)[0]
-
-  return jax.tree.map(first, tree)
 
 
 def applied_updates(opt_state: Any, default: jax.Array) -> jax.Array:
@@ -202,7 +154,7 @@ def first_nonfinite(tree: PyTree) -> Optional[str]:
   """Names the first leaf holding a NaN or Inf, e.g. 'loss' or 'grads/linear/w'.
 
   Top-level mapping keys are visited upstream first: 'loss', then 'grads', then 'params',
-  then the rest in the mapping's order (pmap outputs come back with sorted keys, so
+  then the rest in the mapping's order (jit outputs come back with sorted keys, so
   insertion order cannot carry this); below that, pytree order.
 
   Args:

@@ -97,3 +97,29 @@ def test_only_one_kind_and_refusals():
                mode='paper')
   with pytest.raises(ValueError, match="'paper' or 'fast'"):
     mixing.pair(images, labels, 2, 'lazy')
+
+
+def test_groups_draw_the_same_mixes_wherever_they_sit():
+  # 4 groups of 2 outputs ('paper': 4 inputs each). One device holding all four draws, for each
+  # group, what two devices holding two groups each draw: the key is the group's global index.
+  images, labels = _distinct_inputs(16)
+  key = jax.random.PRNGKey(9)
+  kwargs = dict(mixup_alpha=0.2, use_cutmix=True, mode='paper', group_size=2)
+  whole = mixing.mix_groups(images, labels, key, first_group=0, **kwargs)
+  halves = [mixing.mix_groups(images[8 * d:8 * (d + 1)], labels[8 * d:8 * (d + 1)], key,
+                              first_group=2 * d, **kwargs) for d in range(2)]
+  for field in ('images', 'labels', 'mix_labels', 'mix_ratio', 'is_cutmix'):
+    np.testing.assert_array_equal(
+        np.asarray(getattr(whole, field)),
+        np.concatenate([np.asarray(getattr(h, field)) for h in halves]))
+  # Pairs stay inside their group: group g's outputs mix inputs [4g, 4g + 4) only.
+  for g in range(4):
+    members = set((100 + np.arange(4 * g, 4 * g + 4)).tolist())
+    got = set(np.asarray(whole.labels[2 * g:2 * g + 2]).tolist())
+    got |= set(np.asarray(whole.mix_labels[2 * g:2 * g + 2]).tolist())
+    assert got <= members
+  # Groups draw different ratios from each other.
+  assert len(set(np.asarray(whole.mix_ratio).round(6).tolist())) > 2
+  with pytest.raises(ValueError, match='groups of data.mix_group_size=3'):
+    mixing.mix_groups(images, labels, key, first_group=0, mixup_alpha=0.2, use_cutmix=True,
+                      mode='paper', group_size=3)

@@ -63,14 +63,12 @@ def test_demo_style_pipeline_gray_28px(data_dir):
       image_size=28, eval_image_size=28, train_preproc="random_crop_pad4",
       eval_preproc="resize_only", random_flip=False, randaugment="",
       mixup_alpha=0.0, cutmix=False, num_classes=10, seed=0)
-  it = pipeline.build_train_iterator(config, global_batch_size=16, host_index=0,
-                                     host_count=1, local_device_count=2)
+  it = pipeline.build_train_iterator(config, global_batch_size=16, rows=(0, 16))
   batch = next(it)
-  assert batch["images"].shape == (2, 8, 28, 28, 1) and batch["images"].dtype == np.uint8
+  assert batch["images"].shape == (16, 28, 28, 1) and batch["images"].dtype == np.uint8
   assert batch["labels"].max() <= 9
   evals = list(pipeline.build_eval_iterator(
-      config, global_batch_size=384, host_index=0, host_count=1,
-      local_device_count=2))
+      config, global_batch_size=384, host_index=0, host_count=1))
   assert len(evals) == 3 and sum(b["mask"].sum() for b in evals) == 1000
   info = pipeline.dataset_info(config)
   assert (info.num_train, info.num_eval, info.num_classes, info.channels) == (4000, 1000, 10, 1)

@@ -1,4 +1,4 @@
-"""Tests for nfnets/data/pipeline.py: shapes, determinism, resume, host sharding."""
+"""Tests for nfnets/data/pipeline.py: shapes, determinism, resume, a host's rows."""
 
 import dataclasses
 
@@ -8,8 +8,6 @@ import pytest
 from nfnets.data import datasets
 from nfnets.data import pipeline
 from nfnets.data.options import DataOptions, DatasetInfo
-
-DEVICES = 2
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +23,9 @@ def _config(data_dir, **kwargs):
   return DataOptions(**dict(base, **kwargs))
 
 
-def _train(config, steps, start_step=0, host_index=0, host_count=1, batch=8):
+def _train(config, steps, start_step=0, rows=None, batch=8):
   it = pipeline.build_train_iterator(
-      config, global_batch_size=batch, host_index=host_index,
-      host_count=host_count, local_device_count=DEVICES, start_step=start_step)
+      config, global_batch_size=batch, rows=rows or (0, batch), start_step=start_step)
   return [next(it) for _ in range(steps)]
 
 
@@ -42,18 +39,19 @@ def mixed_run(data_dir):
 def test_train_batch_shapes_dtypes_ranges(mixed_run):
   _, batches = mixed_run
   b = batches[0]
-  # uint8 crops, two decoded inputs per example ('paper' mixing): 8 examples -> 16 inputs,
-  # 8 per device; mixing, RandAugment and normalisation happen on the device.
-  assert set(b) == {"images", "labels"}
-  assert b["images"].shape == (DEVICES, 8, 24, 24, 3) and b["images"].dtype == np.uint8
-  assert b["labels"].shape == (DEVICES, 8) and b["labels"].dtype == np.int32
+  # uint8 crops, two decoded inputs per example ('paper' mixing): 8 examples -> 16 inputs;
+  # mixing, RandAugment and normalisation happen on the device.
+  assert set(b) == {"images", "labels", "example_id"}
+  assert b["images"].shape == (16, 24, 24, 3) and b["images"].dtype == np.uint8
+  assert b["example_id"].min() >= 0 and b["example_id"].max() < 12
+  assert b["labels"].shape == (16,) and b["labels"].dtype == np.int32
   assert b["labels"].min() >= 0 and b["labels"].max() <= 2
   assert b["images"].std() > 10  # Real pixels, not a constant.
 
 
 def test_fast_mixing_decodes_one_input_per_example(data_dir):
   (b,) = _train(_config(data_dir, mix_mode="fast"), 1)
-  assert b["images"].shape == (DEVICES, 4, 24, 24, 3)
+  assert b["images"].shape == (8, 24, 24, 3)
 
 
 def test_same_seed_same_batches_and_resume_at_any_step(mixed_run):
@@ -74,7 +72,10 @@ def test_without_mixing_no_mix_keys_and_epoch_covers_shard(data_dir):
   config = _config(data_dir, mixup_alpha=0.0, cutmix=False,
                    train_preproc="resize_only", random_flip=False)
   batches = _train(config, 3, batch=4)  # 12 examples = one epoch.
-  assert set(batches[0]) == {"images", "labels"}
+  assert set(batches[0]) == {"images", "labels", "example_id"}
+  # One epoch: every example once.
+  ids = np.concatenate([b["example_id"] for b in batches])
+  assert sorted(ids.tolist()) == list(range(12))
   labels = np.concatenate([b["labels"].ravel() for b in batches])
   # A permutation of the 12 examples: each class exactly 4 times.
   assert np.bincount(labels, minlength=3).tolist() == [4, 4, 4]
@@ -89,14 +90,14 @@ def test_the_global_batch_does_not_depend_on_the_host_layout(data_dir):
   config = _config(data_dir, randaugment="")
   one_host = _train(config, 3, batch=8)
   for hosts in (2, 4):
-    per_host = [_train(config, 3, host_index=h, host_count=hosts, batch=8)
+    share = 8 // hosts
+    per_host = [_train(config, 3, rows=(h * share, (h + 1) * share), batch=8)
                 for h in range(hosts)]
     for k in range(3):
-      # Host h holds the rows of its devices: stacked in host order they are the 1-host batch.
-      for key in ("images", "labels"):
+      # Host h reads its rows: stacked in host order they are the 1-host batch.
+      for key in ("images", "labels", "example_id"):
         stacked = np.concatenate([per_host[h][k][key] for h in range(hosts)], axis=0)
-        np.testing.assert_array_equal(stacked.reshape(one_host[k][key].shape),
-                                      one_host[k][key])
+        np.testing.assert_array_equal(stacked, one_host[k][key])
 
 
 @pytest.mark.parametrize("num,hosts", [(12, 1), (12, 5), (50000, 3), (7, 7)])
@@ -122,12 +123,11 @@ def test_eval_sees_every_example_once(data_dir, hosts):
   totals, counts = 0.0, set()
   for h in range(hosts):
     batches = list(pipeline.build_eval_iterator(
-        config, split="test", global_batch_size=4 * hosts, host_index=h,
-        host_count=hosts, local_device_count=DEVICES))
+        config, split="test", global_batch_size=4 * hosts, host_index=h, host_count=hosts))
     counts.add(len(batches))
     totals += sum(b["mask"].sum() for b in batches)
     b = batches[-1]
-    assert b["images"].shape == (DEVICES, 2, 20, 20, 3)
+    assert b["images"].shape == (4, 20, 20, 3)
     assert b["labels"].dtype == np.int32 and b["mask"].dtype == np.float32
   assert totals == 6  # The 6 validation images, each once.
   assert len(counts) == 1  # Same number of steps on every host.
@@ -141,8 +141,8 @@ def test_dataset_info(data_dir):
 
 
 def test_bad_configs_fail_early(data_dir):
-  with pytest.raises(ValueError, match="divisible"):
-    _train(_config(data_dir), 1, batch=7)
+  with pytest.raises(ValueError, match="not a share of a global batch of 8"):
+    _train(_config(data_dir), 1, rows=(4, 12))
   with pytest.raises(ValueError, match="num_classes"):
     _train(_config(data_dir, num_classes=10), 1)
   with pytest.raises(ValueError, match="train_preproc"):
@@ -150,4 +150,4 @@ def test_bad_configs_fail_early(data_dir):
   with pytest.raises(ValueError, match="image_size"):
     _config(data_dir, image_size=0)
   with pytest.raises(ValueError, match="host_index"):
-    _train(_config(data_dir), 1, host_index=2, host_count=2)
+    pipeline.host_slice(12, 2, 2)

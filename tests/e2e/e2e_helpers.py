@@ -42,6 +42,7 @@ def random_recipe(folder: str) -> list[str]:
       "--config.data.num_classes=3", "--config.data.train_preproc=inception_crop",
       "--config.data.eval_preproc=resize_crop_32", "--config.data.randaugment=205",
       "--config.data.mixup_alpha=0.2", "--config.data.cutmix=True",
+      "--config.data.mix_group_size=4",
       "--config.model.kwargs.drop_rate=0.2", "--config.model.kwargs.stochdepth_rate=0.2",
       "--config.train.bfloat16=True", "--config.eval.batch_size=12"]
 
@@ -100,34 +101,19 @@ def latest_checkpoint(workdir) -> int:
   return max((int(n) for n in os.listdir(root) if n.isdigit()), default=0)
 
 
-def _manager(workdir):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  # orbax warns on every read-only manager that it adjusted two options: noise here.
-  logging.getLogger("absl").setLevel(logging.ERROR)
-  return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "meta"),
-                               options=ocp.CheckpointManagerOptions(read_only=True))
-
-
 def read_checkpoint(workdir, step: int) -> dict[str, np.ndarray]:
-  """All leaves of checkpoint `step` as numpy arrays, keyed in train-state order."""
+  """All leaves of checkpoint `step` as numpy arrays, keyed by leaf path ('params/...')."""
+  import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  manager = _manager(workdir)
-  try:
-    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  finally:
-    manager.close()
-  return {k: np.asarray(v) for k, v in out["state"].items()}
-
-
-def checkpoint_paths(workdir, step: int) -> list[str]:
-  """The train-state paths ('.params[...]', '.opt_state...') of the leaves, in key order."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  manager = _manager(workdir)
-  try:
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  finally:
-    manager.close()
-  return list(meta["paths"])
+  from nfnets.train import integrity  # pylint: disable=g-import-not-at-top
+  # orbax warns on restores without a target: noise here.
+  logging.getLogger("absl").setLevel(logging.ERROR)
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  out = checkpointer.restore(path, restore_args=args)
+  return {k: np.asarray(v) for k, v in integrity.leaves_by_path(out).items()}
 
 
 def assert_bit_identical(got: dict, want: dict, context: str = "") -> None:
@@ -176,7 +162,7 @@ def step_seconds(workdir) -> float:
 
 def interrupt(cmd: list[str], env: dict, workdir, sig: int, rng: random.Random,
               during_save: bool = False, pace: float = 1.0,
-              timeout: float = 600, while_running=None) -> Interrupted:
+              timeout: float = 600, while_running=None, progress=None) -> Interrupted:
   """Starts a run and sends `sig` at a random moment after it has trained a new step.
 
   Args:
@@ -191,8 +177,11 @@ def interrupt(cmd: list[str], env: dict, workdir, sig: int, rng: random.Random,
     timeout: seconds to wait for progress.
     while_running: optional callable(pid), called once the run has trained a new step and
       before the signal is sent (e.g. to start a second run on the same workdir).
+    progress: optional callable() -> the last trained step (default: read metrics.jsonl of
+      a local `workdir`).
   """
-  before = last_train_step(workdir)
+  last_step = progress or (lambda: last_train_step(workdir))
+  before = last_step()
   resume_from = latest_checkpoint(workdir)
   log_path = os.path.join(str(workdir) + ".log")
   with open(log_path, "a+") as log:
@@ -203,7 +192,7 @@ def interrupt(cmd: list[str], env: dict, workdir, sig: int, rng: random.Random,
       deadline = time.time() + timeout
       progressed_at = None
       while time.time() < deadline and proc.poll() is None:
-        now_step = last_train_step(workdir)
+        now_step = last_step()
         if progressed_at is None and now_step > before:
           if while_running is not None:
             while_running(proc.pid)
@@ -211,7 +200,7 @@ def interrupt(cmd: list[str], env: dict, workdir, sig: int, rng: random.Random,
           first_step = now_step
           delay = rng.uniform(0.0, 1.5)
         if during_save and progressed_at is not None and _saving(workdir):
-          note = f"during save after step {last_train_step(workdir)}"
+          note = f"during save after step {last_step()}"
           break
         if progressed_at is not None and not during_save:
           if time.time() - progressed_at >= delay * pace:
@@ -230,3 +219,73 @@ def interrupt(cmd: list[str], env: dict, workdir, sig: int, rng: random.Random,
     output = log.read()
   return Interrupted(proc.returncode, output, before, resume_from,
                      finished and proc.returncode == 0, note)
+
+
+def free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Job:
+  """The processes of one multi-process run of experiment.py, with their logs."""
+  procs: list
+  logs: list
+  started: float
+
+  def wait(self, timeout: float) -> list[Optional[int]]:
+    """Exit codes (None for a process still running at the deadline, then killed)."""
+    deadline = time.time() + timeout
+    for p in self.procs:
+      try:
+        p.wait(timeout=max(deadline - time.time(), 0.1))
+      except subprocess.TimeoutExpired:
+        pass
+    codes = [p.poll() for p in self.procs]
+    for p in self.procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+    return codes
+
+  def output(self, index: int) -> str:
+    with open(self.logs[index]) as f:
+      return f.read()
+
+
+def launch(cmd: list[str], tmp_path_factory, processes: int, devices: int, log_dir,
+           env_extra: Optional[dict] = None) -> Job:
+  """Starts `cmd` as the processes of one jax.distributed job on this machine (gloo)."""
+  port = free_port()
+  procs, logs = [], []
+  os.makedirs(log_dir, exist_ok=True)
+  for index in range(processes):
+    env = subprocess_env(tmp_path_factory, devices)
+    if processes > 1:
+      env.update(NFNETS_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                 NFNETS_NUM_PROCESSES=str(processes), NFNETS_PROCESS_ID=str(index))
+    env.update(env_extra or {})
+    path = os.path.join(log_dir, f"process_{index}.log")
+    with open(path, "w") as log:
+      procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT))
+    logs.append(path)
+  return Job(procs, logs, time.time())
+
+
+def example_log(workdir) -> dict[int, list[int]]:
+  """{step: the data set indices of its global batch} from train.record_examples' files."""
+  folder = os.path.join(workdir, "examples")
+  rows: dict[int, list] = {}
+  for name in sorted(os.listdir(folder)):
+    with open(os.path.join(folder, name)) as f:
+      for line in f:
+        try:
+          r = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        rows.setdefault(r["step"], {})[tuple(r["rows"])] = r["examples"]
+  return {step: [i for _, ids in sorted(parts.items()) for i in ids]
+          for step, parts in rows.items()}

@@ -15,6 +15,7 @@ import pytest
 from configs import fake_data
 from nfnets.train import distributed
 from nfnets.train import loop
+from nfnets.train import metrics as metrics_lib
 from nfnets.train import workdir as workdir_lib
 from nfnets.train.options import ExperimentOptions
 
@@ -48,9 +49,9 @@ def run(tmp_path_factory):
     # The augmentation runs inside the train step only: one trace of it is one trace (and one
     # compilation) of the step. Eval, checkpoints, logging and profiling must not add any.
     augment = real(options)
-    def once(batch, key):
+    def once(batch, key, device):
       traced.append(1)
-      return augment(batch, key)
+      return augment(batch, key, device)
     return chex.assert_max_traces(once, n=1)
 
   mp.setattr(loop, "make_augment", counted)
@@ -93,12 +94,12 @@ def test_the_profiler_wrote_a_trace_and_training_went_on(run):
 def test_metric_sums_merge_intervals_and_find_the_first_bad_step():
   one = {"loss": 1.0, "skipped": 0.0, "steps_in_interval": 3.0, "first_bad_step": -1.0}
   two = {"loss": 3.0, "skipped": 1.0, "steps_in_interval": 1.0, "first_bad_step": 7.0}
-  merged = loop._merge_intervals([one, two])  # pylint: disable=protected-access
+  merged = metrics_lib.merge_intervals([one, two])
   assert merged == {"loss": 1.5, "skipped": 0.25, "steps_in_interval": 4.0}
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  sums = loop.MetricSums()
+  sums = metrics_lib.MetricSums()
   for step, loss in ((1, 1.0), (2, float("nan")), (3, float("inf"))):
-    m = {k: jnp.full((1,), v, jnp.float32) for k, v in dict(
+    m = {k: jnp.full((), v, jnp.float32) for k, v in dict(
         loss=loss, grad_norm=1.0, update_norm=1.0, param_norm=1.0, skipped=0.0,
         finite=float(np.isfinite(loss))).items()}
     sums.add(m, step)
@@ -107,17 +108,21 @@ def test_metric_sums_merge_intervals_and_find_the_first_bad_step():
   assert fetched["steps_in_interval"] == 3 and sums.fetch() is None
 
 
-def test_a_workdir_written_before_the_new_layout_still_resumes(tmp_path, monkeypatch):
-  # tests/fixtures/legacy_workdir: 6 steps of this config, written by the code of commit
-  # 89063a1 (the flat nfnets/ package, ConfigDict options, no checkpoint digests).
+@pytest.mark.parametrize("fixture,last", [("legacy_workdir", 6), ("format2_workdir", 6)])
+def test_workdirs_of_earlier_checkpoint_formats_still_resume(tmp_path, monkeypatch, fixture,
+                                                             last):
+  # tests/fixtures: 6 steps of this config, checkpoint 6 kept. legacy_workdir was written by
+  # format 1 (arrays under index keys, no digests), format2_workdir by format 2 (index keys,
+  # array and file digests).
   import shutil  # pylint: disable=g-import-not-at-top
-  fixture = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures",
-                         "legacy_workdir")
-  workdir = tmp_path / "legacy"
-  shutil.copytree(fixture, workdir)
+  source = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", fixture)
+  workdir = tmp_path / fixture
+  shutil.copytree(source, workdir)
   monkeypatch.setattr(distributed, "setup_jax", lambda *args: None)
   loop.run(_options(), str(workdir), "train")
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-  resumed = [r for r in records if r["split"] == "train" and r["step"] > 6]
+  resumed = [r for r in records if r["split"] == "train" and r["step"] > last]
   assert [r["step"] for r in resumed] == [8] and np.isfinite(resumed[0]["loss"])
   assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())[-1] == 8
+  signature = json.loads((workdir / "checkpoints" / "model_signature.json").read_text())
+  assert signature["checkpoint_format"] == 3 and signature["legacy_steps"] == [last]

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from nfnets.train import agc, optim
-from nfnets.train.options import AGCOptions, OptimizerOptions
+from nfnets.train.options import AGCOptions, OPTIMIZER_NAMES, OptimizerOptions
 
 CLASSIFIER = "NFNet/~/linear"
 SE = "NFNet/~/nf_block/~/squeeze_excite/~/linear"
@@ -219,8 +219,10 @@ def test_empty_exclude_clips_the_classifier():
 
 def test_bad_inputs_raise():
   kw = dict(batch_size=256, steps_per_epoch=3, total_steps=10)
-  with pytest.raises(ValueError, match=r"Unknown optimizer 'lamb'.*'adam', 'adamw', 'sgd', 'sgd_agc'"):
-    optim.build_optimizer(_config(name="lamb"), **kw)
+  with pytest.raises(ValueError, match=r"Unknown optimizer.name 'lamb'.*'sgd_agc', 'sgd', "
+                     r"'adam', 'adamw'"):
+    _config(name="lamb")
+  assert set(optim.OPTIMIZERS) == set(OPTIMIZER_NAMES)  # The names the options accept.
   with pytest.raises(ValueError, match="must be > 0"):
     optim.build_optimizer(_config(), batch_size=0, steps_per_epoch=3, total_steps=10)
   with pytest.raises(ValueError, match="shorter than total_steps"):

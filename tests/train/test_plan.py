@@ -15,6 +15,7 @@ from configs import fake_data
 from configs import nfnet_f0
 from nfnets.models import registry
 from nfnets.train import loop
+from nfnets.train import mesh as mesh_lib
 from nfnets.train import optim
 from nfnets.train import plan as plan_lib
 from nfnets.train import state as state_lib
@@ -52,13 +53,17 @@ def _compiled_step_peak(options: ExperimentOptions, accum_steps: int) -> float:
                                               steps_per_epoch=1.0, total_steps=100)
   channels = options.data.fake_channels
   ts = state_lib.abstract_train_state(forward, optimizer, (SIZE, SIZE, channels))
-  replicated = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + x.shape, x.dtype), ts)
-  batch = {"images": jax.ShapeDtypeStruct((1, BATCH, SIZE, SIZE, channels), jnp.uint8),
-           "labels": jax.ShapeDtypeStruct((1, BATCH), jnp.int32)}
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  replicated = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=mesh_lib.replicated(mesh)), ts)
+  rows = mesh_lib.batch_sharding(mesh)
+  batch = {"images": jax.ShapeDtypeStruct((BATCH, SIZE, SIZE, channels), jnp.uint8,
+                                          sharding=rows),
+           "labels": jax.ShapeDtypeStruct((BATCH,), jnp.int32, sharding=rows)}
   train_step = step_lib.make_train_step(
       forward, optimizer, schedule, options.train, num_classes,
       ema_decay=options.optimizer.ema_decay, augment=loop.make_augment(options),
-      accum_steps=accum_steps, devices=jax.devices()[:1])
+      accum_steps=accum_steps, mesh=mesh)
   compiled = train_step.lower(replicated, batch).compile(
       compiler_options=state_lib.fast_compile_options())
   memory = compiled.memory_analysis()

@@ -1,4 +1,4 @@
-"""Tests for nfnets/train/state.py: init, device layouts, the applied-update count, NaN names."""
+"""Tests for nfnets/train/state.py: init, the applied-update count, NaN names."""
 
 import haiku as hk
 import jax
@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from nfnets.train import mesh as mesh_lib
 from nfnets.train import state as state_lib
 
 
@@ -17,17 +18,17 @@ def _forward():
   return hk.transform_with_state(f)
 
 
-def test_init_replicate_shard_and_unreplicate_round_trip():
+def test_init_on_a_mesh_is_replicated_without_a_device_axis():
   optimizer = optax.sgd(optax.linear_schedule(0.1, 0.0, 10))
   ts0 = state_lib.init_train_state(_forward(), optimizer, 0, (2, 2, 1))
   assert ts0.step.dtype == jnp.int32 and int(ts0.step) == 0
   assert ts0.rng.dtype == jnp.uint32
-  replicated = state_lib.replicate(ts0)
-  assert replicated.params['linear']['w'].shape[0] == jax.local_device_count()
-  jax.tree.map(np.testing.assert_array_equal, state_lib.unreplicate(replicated), ts0)
-  rows = np.arange(jax.local_device_count() * 3).reshape(jax.local_device_count(), 3)
-  sharded = state_lib.shard({'x': rows})
-  assert [int(s.data[0, 0]) for s in sharded['x'].addressable_shards] == list(rows[:, 0])
+  mesh = mesh_lib.make_mesh()
+  on_mesh = state_lib.init_train_state(_forward(), optimizer, 0, (2, 2, 1), mesh)
+  w = on_mesh.params['linear']['w']
+  assert w.shape == ts0.params['linear']['w'].shape and w.sharding.is_fully_replicated
+  assert len(w.sharding.device_set) == jax.device_count()
+  jax.tree.map(np.testing.assert_array_equal, mesh_lib.host_copy(on_mesh), jax.device_get(ts0))
   with pytest.raises(ValueError, match='image_shape'):
     state_lib.init_train_state(_forward(), optimizer, 0, (8, 3))
   # The applied-update count is the schedule's own counter, 0 before any update.

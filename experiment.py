@@ -1,11 +1,11 @@
 """Config-driven NFNet training and evaluation, on one device, many devices or many hosts.
 
   python experiment.py --config=configs/demo.py --workdir=workdirs/demo
-  python experiment.py --config=configs/nfnet_f0.py --workdir=DIR --config.train.batch_size=1024
-  python experiment.py --config=configs/nfnet_f0.py --workdir=DIR --mode=eval \\
+  python experiment.py --config=configs/nfnet.py:F0 --workdir=DIR --config.train.batch_size=1024
+  python experiment.py --config=configs/nfnet.py:F0 --workdir=DIR --mode=eval \\
       --config.init.weights=F0_haiku.npz
   python experiment.py --workdir=DIR --mode=eval       # the run's own config.json, from DIR
-  python experiment.py --config=configs/nfnet_f3.py --mode=plan \\
+  python experiment.py --config=configs/nfnet.py:F3 --mode=plan \\
       --config.plan.device_memory_gb=80 --config.plan.num_devices=8
 
 Modes: 'train', 'eval' (the workdir's newest verified checkpoint, else config.init.weights;
@@ -28,6 +28,28 @@ from nfnets.train import signals
 
 signals.STOP.install()
 
+
+def _quiet_late_callbacks() -> None:
+  """Late completions of an abandoned asynchronous write are dropped, not printed.
+
+  When an orbax checkpoint write fails (a full disk), its event loop closes while TensorStore
+  still completes the remaining I/O; each completion calls loop.call_soon_threadsafe from a
+  C++ thread, which raises 'Event loop is closed' and prints a traceback there. Such a
+  callback could never run anyway; the failure itself is reported once, as one line.
+  """
+  import asyncio  # pylint: disable=g-import-not-at-top
+  original = asyncio.BaseEventLoop.call_soon_threadsafe
+
+  def call_soon_threadsafe(self, callback, *args, context=None):
+    if self.is_closed():
+      return None
+    return original(self, callback, *args, context=context)
+
+  asyncio.BaseEventLoop.call_soon_threadsafe = call_soon_threadsafe
+
+
+_quiet_late_callbacks()
+
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import os
 import sys
@@ -40,6 +62,8 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from nfnets import cli
+
 REPO = os.path.dirname(os.path.abspath(__file__))
 # A workdir's saved config.json is read through this config file (`configs/workdir.py:DIR`).
 _WORKDIR_CONFIG = os.path.join(REPO, "configs", "workdir.py")
@@ -49,13 +73,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "--config.a.b=value. Default: the --workdir's saved config.json.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output root (local or gs://): checkpoints, "
                                 "logs, config.json. Not needed for --mode=plan.")
-_MODE = flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval", "plan"],
-                          "What to run.")
-
-
-def _fail(message: str, code: int = 1) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(code)
+_MODE = flags.DEFINE_string("mode", "train_and_eval",
+                            "What to run: train, eval, train_and_eval or plan (see above).")
 
 
 def main(argv: list[str]) -> None:
@@ -79,11 +98,26 @@ def main(argv: list[str]) -> None:
     # (NFNETS_DEBUG=1 re-raises for the full traceback).
     if os.environ.get("NFNETS_DEBUG") == "1":
       raise
-    _fail(f"{type(e).__name__}: {e}")
+    _fail_now(f"{type(e).__name__}: {e}")
   except OSError as e:  # A full disk, a vanished mount: say which file, keep what is saved.
     if os.environ.get("NFNETS_DEBUG") == "1":
       raise
-    _fail(_os_error_line(e))
+    import errno  # pylint: disable=g-import-not-at-top
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+      from nfnets.train import distributed  # pylint: disable=g-import-not-at-top
+      distributed.discard_recent_cache_entries()
+    _fail_now(_os_error_line(e))
+
+
+def _fail_now(message: str) -> None:
+  """The one-line error, then exit at once: the run's own cleanup is done, and orbax's
+  background threads, when a write failed, would print tracebacks while Python shuts down."""
+  try:
+    cli.fail(message)
+  except SystemExit as e:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(e.code)  # pylint: disable=protected-access
 
 
 def _os_error_line(error: OSError) -> str:
@@ -91,8 +125,8 @@ def _os_error_line(error: OSError) -> str:
   import errno  # pylint: disable=g-import-not-at-top
   where = error.filename or "no file name"
   if error.errno in (errno.ENOSPC, errno.EDQUOT):
-    return (f"no space left on the device holding {where}; free space (or point --workdir "
-            "elsewhere), then rerun: the last checkpoint is kept.")
+    return (f"no space left on the device holding {where} ({error.strerror}); free space (or "
+            "point --workdir elsewhere), then rerun: the last checkpoint is kept.")
   return (f"{type(error).__name__}: {error.strerror or error} ({where}); fix the path or its "
           "permissions, then rerun: the last checkpoint is kept.")
 
@@ -110,37 +144,12 @@ def _config_argv(argv: list[str]) -> list[str]:
     return args[:1] + [f"--config={_WORKDIR_CONFIG}:{saved}"] + args[1:]
   if not names and workdir:
     return args[:1] + [f"--config={_WORKDIR_CONFIG}:{workdir}"] + args[1:]
-  if given is not None:
-    path = given.split(":", 1)[0]
-    if not os.path.isfile(path):
-      _fail(f"--config={given}: no such file {path!r}; use e.g. --config=configs/demo.py", 2)
   return args
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with config and override mistakes reported on one line (exit 2).
-
-  ml_collections raises bare AttributeError/KeyError/TypeError for an unknown or mistyped
-  `--config.x=y` on a locked config, and the config file's own errors (a bad ':arg') as
-  whatever the file raised; absl would show them as long tracebacks.
-  """
-  argv = _config_argv(argv)
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    message = str(e)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    inner = e.args[0] if e.args else e
-    # KeyError/AttributeError wrap the message in repr quotes and escape newlines.
-    text = str(inner.args[0] if isinstance(inner, BaseException) and inner.args else inner)
-    lines = text.replace("\\'", "'").strip("'\"").splitlines() or [""]
-    if len(lines) > 1:  # "'key'" then a "Did you mean ...?" hint.
-      lines[0] = f"unknown config key '{lines[0].strip(chr(39))}';"
-    text = " ".join(" ".join(lines).split())
-    overrides = [a for a in argv[1:] if a.startswith("--config.")]
-    config = next((a for a in argv[1:] if a.startswith("--config=")), "")
-    message = f"{text} ({config} {' '.join(overrides)})".replace("( ", "(").replace(" )", ")")
-  _fail(message.replace("\n", " "), 2)
+  """absl flag parsing, with config and override mistakes reported on one line (exit 2)."""
+  return cli.parse_flags(_config_argv(argv))
 
 
 if __name__ == "__main__":

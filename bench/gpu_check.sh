@@ -38,7 +38,7 @@ timeout 300 python3 bench/benchmark.py --variant=F0 --batch=256 --image_size=192
 timeout 200 python3 bench/benchmark.py --variant=F0 --batch=256 --image_size=192 \
     --dtype=bfloat16 --modes=train --accum=4 --remat=none,block --steps=5 --warmup=1 \
     --out="$OUT" 2>&1 | tee "$OUT/benchmark_memory.log"
-timeout 120 python3 experiment.py --config=configs/nfnet_f0.py --workdir=/tmp/plan_f0 \
+timeout 120 python3 experiment.py --config=configs/nfnet.py:F0 --workdir=/tmp/plan_f0 \
     --mode=plan --config.plan.num_devices=8 --config.plan.device_memory_gb=80 2>&1 \
     | tee "$OUT/plan_f0.txt"
 exit 0

@@ -35,8 +35,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from nfnets.data import files
-from nfnets.inference import cli
+from nfnets import files
+from nfnets import cli
 from nfnets.inference import inputs
 
 _WEIGHTS = flags.DEFINE_string("weights", None, "F*_haiku.npz, our .npz, or a run's workdir.")

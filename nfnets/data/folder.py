@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
-from nfnets.data import files
+from nfnets import files
 
 # The formats tf.io.decode_image understands; others are ignored, not errors.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
-from nfnets.data import files
+from nfnets import files
 from nfnets.data import folder as folder_lib
 from nfnets.data.options import DataOptions
 

@@ -6,7 +6,7 @@
   for p in clf.classify(inputs.iter_image_files(['photos/'])):  # streams, batch by batch
     print(p.image, p.error or p.top[0].name)
 
-Images are read through `nfnets.data.files` (regular files only, the pixel count checked from
+Images are read through `nfnets.files` (regular files only, the pixel count checked from
 the header before decoding) and preprocessed as the evaluator does, in numpy
 (`preprocess.py`: the paper's square bicubic resize to S + 32 and centre crop S, at the
 variant's test resolution, or the run's own protocol), then run through the network in float32
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets.data import files
+from nfnets import files
 from nfnets.inference import loading
 from nfnets.inference import preprocess as preprocess_lib
 from nfnets.inference.folding import fold_weight_standardization

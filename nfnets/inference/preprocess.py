@@ -27,7 +27,7 @@ by decoding only (measured on real photographs in tests/inference/test_preproces
   PIL applies the palette.
 * Neither path applies EXIF orientation: a photo is classified as its pixels are stored.
 
-Input files are read through `nfnets.data.files`: regular files only, and an image whose header
+Input files are read through `nfnets.files`: regular files only, and an image whose header
 declares more than NFNETS_MAX_IMAGE_PIXELS pixels is refused before its pixels are decoded.
 """
 
@@ -42,7 +42,7 @@ from typing import Callable, Union
 
 import numpy as np
 
-from nfnets.data import files
+from nfnets import files
 from nfnets.data import normalization
 
 # Eval crops keep S / (S + 32) of the image (the official `crop_padding`).

@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any, Optional
 
@@ -62,6 +64,17 @@ __all__ = ["Checkpointer", "NonFiniteStateError", "SignatureMismatchError", "rea
 
 class NonFiniteStateError(ValueError):
   """A state with NaN/Inf values was handed to `save`; it was not written."""
+
+
+def _disk_full(error: BaseException) -> bool:
+  text = str(error)
+  return (getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+          or "RESOURCE_EXHAUSTED" in text or "No space left" in text)
+
+
+def _no_space(directory: Any, detail: str = "") -> OSError:
+  return OSError(errno.ENOSPC, "No space left on device" + (f" ({detail})" if detail else ""),
+                 os.fspath(directory))
 
 
 class UnreadableError(ValueError):
@@ -506,15 +519,28 @@ class Checkpointer:
                                     f"in {bad}")
       meta.update(shapes={p: list(x.shape) for p, x in host.items()},
                   digests=integrity.digests(host))
+      # A disk too full for the checkpoint fails here, in one line, before orbax starts a
+      # write that would fail in its background threads.
+      needed = sum(x.nbytes for x in host.values()) * 1.05 + (1 << 20)
+      if error is None and not paths.is_url(self.directory):
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+          error = _no_space(self.directory, f"checkpoint {step} needs {needed / 1e6:.0f} MB, "
+                                            f"{free / 1e6:.0f} MB free")
     else:  # Only process 0 writes numpy arrays: the others pass views of a zero, no copies.
       tree = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape), named)
     raise_together(error)
     # The previous write must have committed before its files can be sealed (orbax would wait
     # for it here anyway); the seal is then computed in the background.
-    self._manager.wait_until_finished()
+    self._wait_for_orbax()
     self._seal_committed(background=True)
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      if _disk_full(e):
+        raise _no_space(self.directory) from None
+      raise
     self._unsealed.append(step)
     self._last_save_step = step
     self._last_save_time = time.monotonic()
@@ -533,9 +559,17 @@ class Checkpointer:
       else:
         integrity.seal(step_dir)
 
+  def _wait_for_orbax(self) -> None:
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  (a background write failed)
+      if _disk_full(e):
+        raise _no_space(self.directory) from None
+      raise
+
   def wait(self) -> None:
     """Blocks until any background write has been committed and sealed."""
-    self._manager.wait_until_finished()
+    self._wait_for_orbax()
     self._seal_committed(background=False)
     for future in self._sealing:
       future.result()

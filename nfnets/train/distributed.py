@@ -56,9 +56,40 @@ def setup_jax(distributed: bool, compilation_cache_dir: str, workdir: str) -> No
   cache = (compilation_cache_dir or os.environ.get("NFNETS_COMPILATION_CACHE")
            or os.fspath(paths.resolve(workdir) / "jax_cache"))
   jax.config.update("jax_compilation_cache_dir", paths.absolute(cache))
+  _drop_empty_cache_entries(cache)
   # Cache every program, however fast it compiled: a restart must not recompile anything.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+_STARTED = time.time()
+
+
+def _cache_files(cache: str) -> list[str]:
+  if not cache or paths.is_url(cache) or not os.path.isdir(cache):
+    return []
+  return [os.path.join(cache, n) for n in os.listdir(cache)]
+
+
+def _drop_empty_cache_entries(cache: str) -> None:
+  """Removes zero-byte entries (a write cut short by a full disk) so JAX does not warn."""
+  for path in _cache_files(cache):
+    try:
+      if os.path.isfile(path) and os.path.getsize(path) == 0:
+        os.unlink(path)
+    except OSError:
+      pass
+
+
+def discard_recent_cache_entries() -> None:
+  """Removes the compilation-cache entries this process wrote: after a full disk, any of
+  them may be cut short (the next run compiles them again)."""
+  for path in _cache_files(jax.config.jax_compilation_cache_dir or ""):
+    try:
+      if os.path.isfile(path) and os.path.getmtime(path) >= _STARTED:
+        os.unlink(path)
+    except OSError:
+      pass
 
 
 def is_host0() -> bool:

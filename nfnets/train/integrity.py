@@ -111,10 +111,12 @@ def seal(step_dir: paths.PathLike) -> bool:
   """Writes the digest of every file of a committed checkpoint into it; False if it vanished."""
   root = paths.resolve(step_dir)
   try:
+    if not root.exists():  # Never committed (a failed write), or dropped by keep=K.
+      return False
     found = {rel: _file_digest(root / rel) for rel in checkpoint_files(root)}
+    paths.write_text_atomic(root / FILE_DIGESTS, json.dumps(found, indent=0, sort_keys=True))
   except FileNotFoundError:  # Deleted meanwhile (keep=K dropped it): nothing to seal.
     return False
-  paths.write_text_atomic(root / FILE_DIGESTS, json.dumps(found, indent=0, sort_keys=True))
   return True
 
 

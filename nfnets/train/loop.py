@@ -115,7 +115,7 @@ def derive_setup(options: ExperimentOptions, data: DatasetInfo, device_count: in
 
 def make_forward(options: ExperimentOptions, num_classes: int):
   return registry.make_forward(options.model.name, num_classes, remat=options.model.remat,
-                               **options.model.kwargs)
+                               scan_blocks=options.model.scan_blocks, **options.model.kwargs)
 
 
 def make_augment(options: ExperimentOptions):

@@ -43,10 +43,13 @@ class ModelOptions:
     remat: 'none' | 'block': recompute each residual block in the backward pass (less
       activation memory for ~1/3 more compute). Not part of the model's identity: a run may
       resume with another setting.
+    scan_blocks: run each stage's repeated blocks as one lax.scan (one traced block per
+      stage; same parameters and values). Like remat, not part of the model's identity.
   """
   name: str = "NFNet"
   kwargs: Mapping[str, Any] = dataclasses.field(default_factory=_default_model_kwargs)
   remat: str = "none"
+  scan_blocks: bool = False
 
   def __post_init__(self):
     if self.remat not in REMAT_MODES:

@@ -68,7 +68,7 @@ def _activation_bytes(options: ExperimentOptions, remat: str, micro: int, num_cl
                       channels: int) -> float:
   """Temporary bytes of one forward + backward pass at micro-batch `micro` (memory_analysis)."""
   forward = registry.make_forward(options.model.name, num_classes, remat=remat,
-                                  **options.model.kwargs)
+                                  scan_blocks=options.model.scan_blocks, **options.model.kwargs)
   size = options.data.image_size
   dtype = jnp.bfloat16 if options.train.bfloat16 else jnp.float32
   params, state = jax.eval_shape(lambda: forward.init(

@@ -35,9 +35,37 @@ from nfnets import paths
 LOG_FILE = "log.txt"
 
 
-def route_library_logs(workdir: Optional[str], console_level: int = logging.ERROR) -> None:
+class _QuietFileHandler(logging.FileHandler):
+  """A log file that stops, silently, when it cannot be written (e.g. the disk is full):
+  logging would otherwise print a traceback to stderr for every record that follows."""
+
+  broken = False
+
+  def handleError(self, record: logging.LogRecord) -> None:
+    del record
+    self.broken = True
+
+  def emit(self, record: logging.LogRecord) -> None:
+    if not self.broken:
+      super().emit(record)
+
+  def flush(self) -> None:
+    try:
+      super().flush()
+    except OSError:
+      self.broken = True
+
+  def close(self) -> None:
+    try:
+      super().close()
+    except OSError:
+      self.broken = True
+
+
+def route_library_logs(workdir: Optional[str], console_level: int = logging.CRITICAL) -> None:
   """Library log records (orbax, absl, JAX, TF) go to <workdir>/log.txt; the console shows only
-  errors and this module's own lines, so a one-line message is not buried in noise.
+  this project's own lines, so a one-line message is not buried in noise (orbax logs the
+  failures of its background threads with tracebacks, which then reach us as exceptions).
 
   Args:
     workdir: where log.txt is written (None: no file, console filtering only).
@@ -50,7 +78,7 @@ def route_library_logs(workdir: Optional[str], console_level: int = logging.ERRO
   if workdir is not None and paths.is_url(workdir):
     workdir = None  # No appendable file on object storage: library logs stay off the console.
   if workdir is not None and not any(getattr(h, "_nfnets", False) for h in root.handlers):
-    file_handler = logging.FileHandler(os.path.join(workdir, LOG_FILE))
+    file_handler = _QuietFileHandler(os.path.join(workdir, LOG_FILE))
     file_handler.setLevel(logging.INFO)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     file_handler._nfnets = True  # pylint: disable=protected-access

@@ -5,7 +5,7 @@
   timm.py      `haiku_to_timm` / `timm_to_haiku`: timm's `dm_nfnet_f*` state_dict names
   merge.py     `merge_params`: loaded weights into a fresh model (optionally a new head)
 
-Imports numpy and ml_dtypes only (no JAX, TensorFlow or orbax).
+Imports numpy, ml_dtypes and nfnets.files only (no JAX, TensorFlow or orbax).
 """
 
 from nfnets.weights.merge import check_finite

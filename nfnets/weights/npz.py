@@ -25,16 +25,17 @@ Reading is defensive, because weight files come from elsewhere:
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
-import stat
 import tempfile
 from typing import Any, BinaryIO, Mapping, Optional, Sequence
 import zipfile
 
 import ml_dtypes
 import numpy as np
+
+from nfnets import files
+from nfnets.files import printable
 
 Params = dict[str, dict[str, np.ndarray]]
 # Expected shapes: {module: {param: shape}} (e.g. from jax.eval_shape of the model's init).
@@ -83,42 +84,13 @@ def is_floating(dtype: np.dtype) -> bool:
   return dtype.kind == "f" or dtype == _BITS_DTYPES["bfloat16"][0]
 
 
-def _kind(mode: int) -> str:
-  for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-                     (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
-                     (stat.S_ISDIR, "a directory")):
-    if test(mode):
-      return name
-  return "not a regular file"
-
-
 def open_regular(path: str) -> BinaryIO:
-  """`path` opened for binary reading, refused (one line) unless it is a regular file.
-
-  Opened non-blocking, so a FIFO cannot block the open, and checked with fstat on the open
-  descriptor, so a path swapped between a check and the open cannot slip through. (The same
-  rule as nfnets.data.files, which this package may not import.)
-
-  Raises:
-    ValueError: not a regular file (after following symlinks), or it cannot be opened.
-  """
+  """`path` opened for binary reading; a FIFO, device or socket is refused in one line."""
   try:
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    return files.open_regular(path, hint="; pass a weights file")
   except OSError as e:
-    if e.errno == errno.ENXIO:  # open() refuses a socket outright.
-      raise ValueError(f"{path} is a socket or device, not a regular file; pass a weights "
-                       "file") from None
-    raise ValueError(f"{path} cannot be opened ({e.strerror or e}); pass a readable weights "
-                     "file") from None
-  try:
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-      raise ValueError(f"{path} is {_kind(mode)}, not a regular file; pass a weights file")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
-  except BaseException:
-    os.close(fd)
-    raise
+    raise ValueError(f"{printable(path)} cannot be opened ({e.strerror or e}); pass a readable "
+                     "weights file") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,14 +388,6 @@ def _stored_spec(path: str, arr: np.ndarray) -> ModelSpec:
     raise ValueError(f"{path}: its stored model description is invalid ({_one_line(e)}); "
                      "re-save the file with save_params, or pass the model explicitly"
                      ) from None
-
-
-def printable(text: str) -> str:
-  """`text` safe to print on one line: control characters (newlines, terminal escapes) escaped.
-
-  (The rule of nfnets.data.files.printable, which this package may not import.)
-  """
-  return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def _one_line(error: BaseException) -> str:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from nfnets.files import printable
 from nfnets.weights import npz
 
 Params = dict[str, dict[str, np.ndarray]]
@@ -315,7 +316,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     safe = self._safe.get((module, name))
     if safe is None:
       raise UnsafeWeightsError(
-          f"refused global {npz.printable(module)}.{npz.printable(name)}: not a numpy "
+          f"refused global {printable(module)}.{printable(name)}: not a numpy "
           "array/dtype constructor")
     return safe
 
@@ -331,7 +332,7 @@ def _validate_tree(tree: Any, source: str) -> Params:
   out: Params = {}
   for module, inner in tree.items():
     if not isinstance(module, str) or not isinstance(inner, dict):
-      raise ValueError(f"{source}: entry {npz.printable(repr(module)[:80])} is not a str -> dict "
+      raise ValueError(f"{source}: entry {printable(repr(module)[:80])} is not a str -> dict "
                        "of params; expected Haiku's {module_path: {param_name: array}}")
     out[module] = {}
     for name, value in inner.items():
@@ -339,7 +340,7 @@ def _validate_tree(tree: Any, source: str) -> Params:
         value = value.array
       if isinstance(value, np.generic):
         value = np.asarray(value)
-      shown = f"{npz.printable(module)}/{npz.printable(name)}"
+      shown = f"{printable(module)}/{printable(name)}"
       if not isinstance(name, str) or not isinstance(value, np.ndarray):
         raise ValueError(f"{source}: {shown} is {type(value).__name__}, expected a float numpy "
                          "array")
@@ -390,7 +391,7 @@ def load_official(path: str | os.PathLike) -> Params:
     except _LimitError as e:
       raise ValueError(f"{path}: {e}") from None
     except Exception as e:  # pylint: disable=broad-except  (truncated, or not a pickle at all)
-      detail = f"{type(e).__name__}: {npz.printable(' '.join(str(e).split())[:300])}"
+      detail = f"{type(e).__name__}: {printable(' '.join(str(e).split())[:300])}"
       raise ValueError(f"{path} is not a readable weights pickle ({detail}); "
                        "re-download it") from None
   return _validate_tree(tree, path)

@@ -20,7 +20,7 @@ import zlib
 from PIL import Image
 import pytest
 
-from nfnets.data import files
+from nfnets import files
 from nfnets.data import folder
 from nfnets.data import sources
 from nfnets.data.options import DataOptions

@@ -50,9 +50,13 @@ def gcs(tmp_path_factory):
                                    headers={"Content-Type": "application/json"})
   urllib.request.urlopen(request, timeout=10)
   env = rh.subprocess_env(tmp_path_factory, devices=2)
+  # GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false: gcsfs would first ask the storage-control API
+  # (gRPC, which the emulator does not serve) for the bucket's layout, waiting 60 s.
   env.update(EPATH_USE_TF="false", STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
-             GOOGLE_AUTH_TOKEN_FOR_TESTING="x", NFNETS_LEASE_SECONDS="20")
-  os.environ.update({k: env[k] for k in ("STORAGE_EMULATOR_HOST",)})
+             GOOGLE_AUTH_TOKEN_FOR_TESTING="x", NFNETS_LEASE_SECONDS="20",
+             GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+  os.environ.update({k: env[k] for k in ("STORAGE_EMULATOR_HOST",
+                                         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")})
   import gcsfs  # pylint: disable=g-import-not-at-top
   fs = gcsfs.GCSFileSystem(endpoint_url=url, token="anon")
   yield env, fs

@@ -182,3 +182,19 @@ def test_coming_back_to_a_run_leaves_it_as_it_was(reference, e2e_env, tmp_path, 
     for root, dirs, _ in os.walk(base):
       os.chmod(root, 0o755)
     shutil.rmtree(base, ignore_errors=True)
+
+
+def test_reading_a_runs_weights_builds_no_optimizer(reference, e2e_env):
+  # A partial restore: params and model state of the newest verified checkpoint, read by a
+  # process that never imports the optimizer (so a change to the optimizer, or a run trained
+  # with another one, leaves every workdir readable).
+  code = (
+      "import sys, nfnets\n"
+      f"loaded = nfnets.load_model({str(reference[0])!r})\n"
+      "assert 'nfnets.train.optim' not in sys.modules, 'the optimizer was imported'\n"
+      "assert 'nfnets.train.step' not in sys.modules\n"
+      "print(loaded.source, len(loaded.params))\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=e2e_env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert f"(step {rh.STEPS}, EMA weights)" in proc.stdout

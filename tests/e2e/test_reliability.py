@@ -315,3 +315,51 @@ def test_sigterm_in_the_first_second_exits_cleanly(e2e_env, tmp_path):
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out
   assert "Stopped by SIGTERM during start-up" in out, out
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_run_resumes_when_space_is_freed(e2e_env, tmp_path):
+  mount = tmp_path / "small"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+                    capture_output=True).returncode:
+    pytest.skip("needs a tmpfs mount (root) to make a small disk")
+  try:
+    workdir = mount / "run"
+    env = dict(e2e_env, NFNETS_COMPILATION_CACHE=str(mount / "cache"))
+    cmd = rh.train_cmd(workdir)
+    with open(tmp_path / "log", "w") as log:
+      proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+      deadline = time.time() + 600
+      while (rh.latest_checkpoint(workdir) < 2 and proc.poll() is None
+             and time.time() < deadline):
+        time.sleep(0.05)
+      # The disk fills up: the next checkpoint cannot be written.
+      with open(mount / "filler", "wb") as f:
+        try:
+          while True:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+        except OSError:
+          pass
+      proc.wait(timeout=600)
+    output = (tmp_path / "log").read_text()
+    assert proc.returncode == 1, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith(f"error: no space left on the device holding {workdir}"), last
+    assert "then rerun: the last checkpoint is kept" in last
+    _assert_quiet(output)
+    assert "Logging error" not in output and len(output.splitlines()) < 30, output[-3000:]
+    # Nothing partial left behind: no empty compile-cache entries, and the newest checkpoint
+    # is readable.
+    cache = mount / "cache"
+    assert not [n for n in os.listdir(cache) if os.path.getsize(cache / n) == 0]
+    newest = rh.latest_checkpoint(workdir)
+    assert newest >= 2 and rh.read_checkpoint(workdir, newest)
+    os.remove(mount / "filler")
+    proc = _run(cmd, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"Resumed from step {newest}" in proc.stdout
+    assert rh.latest_checkpoint(workdir) == STEPS
+  finally:
+    subprocess.run(["umount", str(mount)], capture_output=True)

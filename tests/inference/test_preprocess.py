@@ -105,7 +105,7 @@ def test_grey_models_and_arrays():
 
 
 def test_unreadable_and_oversized_images_are_refused_by_name(tmp_path, monkeypatch):
-  from nfnets.data import files  # pylint: disable=g-import-not-at-top
+  from nfnets import files  # pylint: disable=g-import-not-at-top
   with pytest.raises(files.UnreadableFileError, match="x.png: not a readable image"):
     preprocess.decode(b"\x89PNG\r\n\x1a\n truncated", "x.png", 3)
   from PIL import Image  # pylint: disable=g-import-not-at-top

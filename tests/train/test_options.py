@@ -10,8 +10,8 @@ from nfnets.data.options import DataOptions
 from nfnets.train import options as options_lib
 from nfnets.train.options import ExperimentOptions, TrainOptions
 
-REPO_CONFIGS = ("demo", "fake_data", "finetune_folder", "nf_resnet50_agc", "nfnet_f0",
-                "nfnet_f3", "resnet50_bn")
+REPO_CONFIGS = ("demo", "fake_data", "finetune_folder", "nf_resnet50_agc", "nfnet:F0",
+                "nfnet:F3", "nfnet:F7", "resnet50_bn")
 
 
 def test_config_dict_round_trip_and_json_round_trip():
@@ -75,8 +75,9 @@ def test_old_config_json_takes_new_defaults():
 
 @pytest.mark.parametrize("name", REPO_CONFIGS)
 def test_every_config_file_reads_into_options(name):
+  name, _, arg = name.partition(":")
   module = __import__(f"configs.{name}", fromlist=["get_config"])
-  config = module.get_config()
+  config = module.get_config(arg) if arg else module.get_config()
   config.lock()
   options = ExperimentOptions.from_config(config)
   assert options.train.batch_size > 0

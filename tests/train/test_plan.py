@@ -12,7 +12,7 @@ import pytest
 
 from configs import common
 from configs import fake_data
-from configs import nfnet_f0
+from configs import nfnet as nfnet_config
 from nfnets.models import registry
 from nfnets.train import loop
 from nfnets.train import mesh as mesh_lib
@@ -116,7 +116,7 @@ def test_a_paper_config_plans_without_its_data_set(tmp_path, monkeypatch):
   probed = []
   monkeypatch.setattr(plan_lib, "_activation_bytes",
                       lambda options, remat, micro, *_: probed.append(remat) or 1e6 * micro)
-  config = nfnet_f0.get_config()
+  config = nfnet_config.get_config("F0")
   config.data.data_dir = str(tmp_path / "no_such_dir")
   options = _options(config, images_per_sec_per_device=100.0, devices_per_host=8,
                      cores_per_host=16)

@@ -1,4 +1,4 @@
-"""What the command lines over nfnets.inference share: flag parsing and one-line errors.
+"""What the command lines share (experiment.py, predict, export, plot): flags and one-line errors.
 
   app.run(cli.one_line_errors(main), flags_parser=cli.parse_flags)
 
@@ -22,7 +22,7 @@ from typing import Callable, NoReturn
 from absl import flags
 from absl import logging as absl_logging
 
-from nfnets.data import files
+from nfnets import files
 from nfnets.inference import inputs
 
 USAGE_EXIT = 2

@@ -1,12 +1,11 @@
 """Reading files a user hands us, safely: regular files only, bounded sizes, checked images.
 
-Every reader of user-supplied image files (the folder indexer, the folder source's training
-reads, `predict`) opens them through here, so that a FIFO, a device (a symlink to /dev/zero named
-`x.png`), a huge file or a decompression bomb (a 1 MB PNG that decodes to 20000 x 20000 pixels)
-is refused with one line naming the file, before anything blocks or allocates. (Weights files
-follow the same rule in `nfnets.weights.npz.open_regular`: that package may not import this
-one.) Names are printed through `printable`, so a file name cannot forge lines of output.
-Standard library and PIL only: no TensorFlow, no JAX.
+Every reader of user-supplied files (the folder indexer, the folder source's training reads,
+`predict`, the weights readers) opens them through here, so that a FIFO, a device (a symlink to
+/dev/zero named `x.png`), a huge file or a decompression bomb (a 1 MB PNG that decodes to
+20000 x 20000 pixels) is refused with one line naming the file, before anything blocks or
+allocates. Names are printed through `printable`, so a file name cannot forge lines of output.
+Standard library (and PIL for image headers, imported when needed): no TensorFlow, no JAX.
 
 Limits (environment variables override them for a whole process):
   NFNETS_MAX_IMAGE_PIXELS   width x height of one image, times its frames for an animation
@@ -22,7 +21,7 @@ import io
 import os
 import re
 import stat
-from typing import Optional
+from typing import BinaryIO, Optional
 
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 DEFAULT_MAX_FILE_BYTES = 512 << 20
@@ -68,18 +67,8 @@ def _kind(mode: int) -> str:
   return "not a regular file"
 
 
-def read_regular_file(path: str, max_bytes: Optional[int] = None) -> bytes:
-  """The bytes of `path`, refusing anything but a regular file of at most `max_bytes`.
-
-  The file is opened non-blocking and checked with fstat on the open descriptor, so a FIFO
-  cannot block the open and a path swapped between a check and the open cannot slip through.
-
-  Raises:
-    NotRegularFileError: not a regular file (after following symlinks).
-    OverLimitError: larger than the limit.
-    OSError: the file cannot be opened or read (missing, permissions).
-  """
-  limit = max_file_bytes() if max_bytes is None else max_bytes
+def _open_fd(path: str, hint: str) -> int:
+  """A descriptor of `path`, opened non-blocking, refused unless it is a regular file."""
   try:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
   except OSError as e:
@@ -87,12 +76,43 @@ def read_regular_file(path: str, max_bytes: Optional[int] = None) -> bytes:
     if e.errno == errno.ENXIO:
       mode = os.stat(path).st_mode
       if not stat.S_ISREG(mode):
-        raise NotRegularFileError(f"{printable(path)}: {_kind(mode)}, not a regular file") from None
+        raise NotRegularFileError(
+            f"{printable(path)}: {_kind(mode)}, not a regular file{hint}") from None
     raise
+  mode = os.fstat(fd).st_mode
+  if not stat.S_ISREG(mode):
+    os.close(fd)
+    raise NotRegularFileError(f"{printable(path)}: {_kind(mode)}, not a regular file{hint}")
+  return fd
+
+
+def open_regular(path: str, hint: str = "") -> BinaryIO:
+  """`path` opened for binary reading, refused (one line + `hint`) unless a regular file.
+
+  Opened non-blocking, so a FIFO cannot block the open, and checked with fstat on the open
+  descriptor, so a path swapped between a check and the open cannot slip through.
+
+  Raises:
+    NotRegularFileError: not a regular file (after following symlinks).
+    OSError: it cannot be opened (missing, permissions).
+  """
+  fd = _open_fd(path, hint)
+  os.set_blocking(fd, True)
+  return os.fdopen(fd, "rb")
+
+
+def read_regular_file(path: str, max_bytes: Optional[int] = None) -> bytes:
+  """The bytes of `path`, refusing anything but a regular file of at most `max_bytes`.
+
+  Raises:
+    NotRegularFileError: not a regular file (after following symlinks).
+    OverLimitError: larger than the limit.
+    OSError: the file cannot be opened or read (missing, permissions).
+  """
+  limit = max_file_bytes() if max_bytes is None else max_bytes
+  fd = _open_fd(path, "")
   try:
     info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-      raise NotRegularFileError(f"{printable(path)}: {_kind(info.st_mode)}, not a regular file")
     if info.st_size > limit:
       raise OverLimitError(f"{printable(path)}: {info.st_size:,} bytes, over the limit of "
                            f"{limit:,} (NFNETS_MAX_FILE_BYTES)")

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 
 from nfnets.models import variants
 from nfnets.models.activations import get_activation
-from nfnets.models.layers import (SqueezeExcite, StochDepth, WSConv2D, apply_blocks, check_remat,
-                                  classifier_head, merge_nf_residual, pooled_shortcut)
+from nfnets.models.layers import (BlockScalars, NFResidualBlock, SqueezeExcite, StochDepth,
+                                  WSConv2D, apply_blocks, check_remat, classifier_head,
+                                  merge_nf_residual, pooled_shortcut)
 from nfnets.models.schedule import nf_block_schedule
 
 # The official default 'swish' is not in the gamma table (a KeyError there); it is SiLU.
@@ -83,7 +84,7 @@ def final_conv_channels(last_stage_ch: int) -> int:
   return int(1280 * last_stage_ch // 440)
 
 
-class NFRegBlock(hk.Module):
+class NFRegBlock(NFResidualBlock):
   """NF-RegNet block: 1x1 expand -> grouped 3x3 (strided) -> 2*SE -> 1x1 project."""
 
   def __init__(self, in_ch: int, out_ch: int, expansion: float = 2.25, se_ratio: float = 0.5,
@@ -128,8 +129,22 @@ class NFRegBlock(hk.Module):
     self.se = SqueezeExcite(self.width, self.width, se_ratio=se_ratio)
     self.stoch_depth = StochDepth(stochdepth_rate) if 0.0 < stochdepth_rate < 1.0 else None
 
-  def __call__(self, x: jax.Array, is_training: bool) -> tuple[jax.Array, jax.Array]:
-    out = self.activation(x) * self.beta
+  def __call__(self, x: jax.Array, is_training: bool,
+               scalars: BlockScalars | None = None) -> tuple[jax.Array, jax.Array]:
+    """Applies the block; `scalars` replaces beta and the stochastic-depth rate under a scan.
+
+    Args:
+      x: NHWC input with in_ch channels.
+      is_training: Enables stochastic depth (needs an rng).
+      scalars: beta and the keep probability as arrays, when this block's module runs a
+        whole stage under `lax.scan` (`apply_blocks(scan_blocks=True)`); default its own.
+
+    Returns:
+      (output, res_avg_var): the block output and the mean per-channel variance of the
+      residual branch before skip_gain (a metric).
+    """
+    beta = self.beta if scalars is None else scalars.beta
+    out = self.activation(x) * beta
     if self.stride > 1:
       shortcut = pooled_shortcut(out, self.stride,
                                  self.conv_shortcut if self.use_projection else None)
@@ -143,7 +158,8 @@ class NFRegBlock(hk.Module):
     out = 2.0 * self.se(out) * out
     out = self.conv2(self.activation(out))
     return merge_nf_residual(out, shortcut, self.alpha, is_training,
-                             stoch_depth=self.stoch_depth, skip_gain_init=self.skip_gain_init)
+                             stoch_depth=self.stoch_depth, skip_gain_init=self.skip_gain_init,
+                             keep_prob=None if scalars is None else scalars.keep_prob)
 
 
 class NF_RegNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
@@ -157,7 +173,7 @@ class NF_RegNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
                drop_rate: float | None = None, activation: str = 'silu',
                fc_init: hk.initializers.Initializer | None = None,
                skip_gain_init: hk.initializers.Initializer = jnp.zeros,
-               remat: str = 'none', name: str = 'NF_RegNet'):
+               remat: str = 'none', scan_blocks: bool = False, name: str = 'NF_RegNet'):
     """Builds the network.
 
     Args:
@@ -174,6 +190,8 @@ class NF_RegNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
       fc_init: Classifier weight initialiser; zeros (the official default) if None.
       skip_gain_init: Initialiser of every block's scalar `skip_gain` (zeros = SkipInit).
       remat: 'block' recomputes each block in the backward pass; 'none' keeps activations.
+      scan_blocks: Run the repeated blocks of each stage as one `lax.scan`: each is traced
+        once per stage; parameters and values unchanged (see `layers.apply_blocks`).
       name: Module name.
     """
     super().__init__(name=name)
@@ -184,6 +202,7 @@ class NF_RegNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
         'drop_rate', variant.drop_rate if drop_rate is None else drop_rate)
     variants.check_rate('stochdepth_rate', stochdepth_rate)
     self.remat = check_remat(remat)
+    self.scan_blocks = bool(scan_blocks)
     self.activation = get_activation(_ACTIVATION_ALIASES.get(activation, activation))
     widths = [int(w * width) for w in variant.width]
     ch = widths[0]
@@ -216,6 +235,7 @@ class NF_RegNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
     """
     outputs = {}
     out = self.initial_conv(x)
-    out = apply_blocks(self.blocks, out, is_training, outputs, return_metrics, remat=self.remat)
+    out = apply_blocks(self.blocks, out, is_training, outputs, return_metrics, remat=self.remat,
+                       scan_blocks=self.scan_blocks)
     out = self.activation(self.final_conv(out))
     return classifier_head(out, self.fc, self.drop_rate, is_training, outputs)

@@ -25,14 +25,15 @@ import jax.numpy as jnp
 
 from nfnets.models import variants
 from nfnets.models.activations import get_activation
-from nfnets.models.layers import (SqueezeExcite, StochDepth, WSConv2D, apply_blocks,
-                                  check_remat, classifier_head, merge_nf_residual)
+from nfnets.models.layers import (BlockScalars, NFResidualBlock, SqueezeExcite, StochDepth,
+                                  WSConv2D, apply_blocks, check_remat, classifier_head,
+                                  merge_nf_residual)
 from nfnets.models.schedule import nf_block_schedule
 from nfnets.models.variants import (RESNET_STAGE_STRIDES, RESNET_VARIANTS, ResNetVariant,
                                     resnet_stage_widths)
 
 
-class NFResBlock(hk.Module):
+class NFResBlock(NFResidualBlock):
   """Normalizer-Free pre-activation bottleneck: 1x1 -> 3x3 (strided) -> 1x1 (-> SE)."""
 
   def __init__(self, in_ch: int, out_ch: int, stride: int = 1, beta: float = 1.0,
@@ -76,8 +77,22 @@ class NFResBlock(hk.Module):
     # Rate 0 is a no-op and rate 1 would always drop the branch: build the layer only between.
     self.stoch_depth = StochDepth(stochdepth_rate) if 0.0 < stochdepth_rate < 1.0 else None
 
-  def __call__(self, x: jax.Array, is_training: bool) -> tuple[jax.Array, jax.Array]:
-    out = self.activation(x) * self.beta
+  def __call__(self, x: jax.Array, is_training: bool,
+               scalars: BlockScalars | None = None) -> tuple[jax.Array, jax.Array]:
+    """Applies the block; `scalars` replaces beta and the stochastic-depth rate under a scan.
+
+    Args:
+      x: NHWC input with in_ch channels.
+      is_training: Enables stochastic depth (needs an rng).
+      scalars: beta and the keep probability as arrays, when this block's module runs a
+        whole stage under `lax.scan` (`apply_blocks(scan_blocks=True)`); default its own.
+
+    Returns:
+      (output, res_avg_var): the block output and the mean per-channel variance of the
+      residual branch before skip_gain (a metric).
+    """
+    beta = self.beta if scalars is None else scalars.beta
+    out = self.activation(x) * beta
     # The projection sees the scaled, activated input; the identity skip keeps raw x so the
     # skip path's variance grows by exactly alpha**2 per block.
     shortcut = self.conv_shortcut(out) if self.use_projection else x
@@ -88,7 +103,8 @@ class NFResBlock(hk.Module):
       # The sigmoid gate averages ~0.5 at init; x2 keeps the branch variance near 1.
       out = 2.0 * self.se(out) * out
     return merge_nf_residual(out, shortcut, self.alpha, is_training,
-                             stoch_depth=self.stoch_depth, skip_gain_init=self.skip_gain_init)
+                             stoch_depth=self.stoch_depth, skip_gain_init=self.skip_gain_init,
+                             keep_prob=None if scalars is None else scalars.keep_prob)
 
 
 class NF_ResNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
@@ -101,7 +117,7 @@ class NF_ResNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
                drop_rate: float = 0.25, activation: str = 'relu', use_se: bool = False,
                se_ratio: float = 0.25, fc_init: hk.initializers.Initializer | None = None,
                skip_gain_init: hk.initializers.Initializer = jnp.zeros,
-               remat: str = 'none', name: str = 'NF_ResNet'):
+               remat: str = 'none', scan_blocks: bool = False, name: str = 'NF_ResNet'):
     """Builds the network.
 
     Args:
@@ -120,6 +136,8 @@ class NF_ResNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
       fc_init: Classifier weight initialiser; N(0, 0.01) if None.
       skip_gain_init: Initialiser of every block's scalar `skip_gain` (zeros = SkipInit).
       remat: 'block' recomputes each block in the backward pass; 'none' keeps activations.
+      scan_blocks: Run the repeated blocks of each stage as one `lax.scan`: each is traced
+        once per stage; parameters and values unchanged (see `layers.apply_blocks`).
       name: Module name.
     """
     super().__init__(name=name)
@@ -129,6 +147,7 @@ class NF_ResNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
     self.drop_rate = variants.check_rate('drop_rate', drop_rate)
     variants.check_rate('stochdepth_rate', stochdepth_rate)
     self.remat = check_remat(remat)
+    self.scan_blocks = bool(scan_blocks)
     self.activation = get_activation(activation)
     widths = resnet_stage_widths(width)
     ch = int(16 * width)
@@ -164,6 +183,7 @@ class NF_ResNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
     # Pre-activation: no nonlinearity after the stem conv; each block activates its input.
     out = self.initial_conv(x)
     out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding='SAME')
-    out = apply_blocks(self.blocks, out, is_training, outputs, return_metrics, remat=self.remat)
+    out = apply_blocks(self.blocks, out, is_training, outputs, return_metrics, remat=self.remat,
+                       scan_blocks=self.scan_blocks)
     # No final conv: the head is just act -> global mean.
     return classifier_head(self.activation(out), self.fc, self.drop_rate, is_training, outputs)

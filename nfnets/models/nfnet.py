@@ -117,7 +117,7 @@ def resolve_variant(
                                   required=('width', 'depth'))
 
 
-class NFBlock(hk.Module):
+class NFBlock(layers.NFResidualBlock):
   """NFNet bottleneck block: 1x1 -> 3x3 grouped -> 3x3 grouped -> 1x1 -> SE.
 
   Computes h_out = h + alpha * skip_gain * f(act(h) * beta), where beta
@@ -187,22 +187,26 @@ class NFBlock(hk.Module):
     self.se = layers.SqueezeExcite(out_ch, out_ch, se_ratio=se_ratio)
     self.use_stochdepth = (stochdepth_rate is not None and
                            0.0 < stochdepth_rate < 1.0)
-    if self.use_stochdepth:
-      self.stoch_depth = layers.StochDepth(stochdepth_rate)
+    self.stoch_depth = (layers.StochDepth(stochdepth_rate) if self.use_stochdepth
+                        else None)
 
-  def __call__(self, x: jax.Array,
-               is_training: bool) -> Tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, is_training: bool,
+               scalars: Optional[layers.BlockScalars] = None
+               ) -> Tuple[jax.Array, jax.Array]:
     """Applies the block.
 
     Args:
       x: NHWC input with in_ch channels.
       is_training: Enables stochastic depth (needs an rng).
+      scalars: beta and the stochastic-depth keep probability as arrays, when
+        this block's module runs a whole stage under `lax.scan`; default its own.
 
     Returns:
       (output, res_avg_var): the block output and the mean per-channel
       variance of the residual branch before skip_gain (a metric).
     """
-    out = self.activation(x) * self.beta
+    beta = self.beta if scalars is None else scalars.beta
+    out = self.activation(x) * beta
     if self.stride > 1:
       shortcut = layers.pooled_shortcut(out, self.stride, self.conv_shortcut)
     elif self.use_projection:
@@ -219,8 +223,8 @@ class NFBlock(hk.Module):
     # 2 * sigmoid gate: the gate is ~0.5 at init, so the branch keeps its scale.
     out = (self.se(out) * 2) * out
     return layers.merge_nf_residual(
-        out, shortcut, self.alpha, is_training,
-        stoch_depth=self.stoch_depth if self.use_stochdepth else None)
+        out, shortcut, self.alpha, is_training, stoch_depth=self.stoch_depth,
+        keep_prob=None if scalars is None else scalars.keep_prob)
 
 
 class NFNet(hk.Module):
@@ -242,6 +246,7 @@ class NFNet(hk.Module):
                final_conv_ch: Optional[int] = None,
                use_two_convs: bool = True,
                remat: str = 'none',
+               scan_blocks: bool = False,
                name: str = 'NFNet'):
     """Builds the network.
 
@@ -261,6 +266,9 @@ class NFNet(hk.Module):
       use_two_convs: Use the second 3x3 conv in each block.
       remat: 'block' recomputes each block in the backward pass (less activation memory,
         ~1 extra forward pass); 'none' keeps every activation. Values are unchanged.
+      scan_blocks: Run the repeated blocks of each stage as one `lax.scan`: each is
+        traced once per stage; parameters and values unchanged (see
+        `layers.apply_blocks`).
       name: Module name; 'NFNet' gives the official parameter paths.
     """
     super().__init__(name=name)
@@ -268,6 +276,7 @@ class NFNet(hk.Module):
     self.variant = resolve_variant(variant)
     self.width = width
     self.remat = layers.check_remat(remat)
+    self.scan_blocks = bool(scan_blocks)
     self.activation = activations.get_activation(activation)
     self.drop_rate = variants.check_rate(
         'drop_rate', self.variant.drop_rate if drop_rate is None else drop_rate)
@@ -357,6 +366,7 @@ class NFNet(hk.Module):
         out = self.activation(out)
     outputs['stem'] = out
     out = layers.apply_blocks(self.blocks, out, is_training, outputs, return_metrics,
-                              stage_ends=self.stage_ends, remat=self.remat)
+                              stage_ends=self.stage_ends, remat=self.remat,
+                              scan_blocks=self.scan_blocks)
     out = self.activation(self.final_conv(out))
     return layers.classifier_head(out, self.fc, self.drop_rate, is_training, outputs)

@@ -48,7 +48,7 @@ VARIANT_TYPES: dict[str, type] = {
 
 # Not architecture: how the forward pass runs. Passed as `make_forward(..., remat=...)`, never
 # inside the kwargs that identify a model (and its checkpoints).
-_EXECUTION_OPTIONS = ('remat', 'folded')
+_EXECUTION_OPTIONS = ('remat', 'folded', 'scan_blocks')
 
 
 def model_class(name: str) -> type[hk.Module]:
@@ -87,13 +87,15 @@ def resolve_kwargs(name: str, kwargs: Mapping[str, Any] | None) -> dict[str, Any
   return kwargs
 
 
-def create_model(name: str, num_classes: int, *, remat: str = 'none', **kwargs: Any) -> hk.Module:
+def create_model(name: str, num_classes: int, *, remat: str = 'none', scan_blocks: bool = False,
+                 **kwargs: Any) -> hk.Module:
   """Builds family `name`; call inside an `hk.transform`ed function.
 
   Args:
     name: A key of `MODELS`.
     num_classes: Classifier outputs.
     remat: 'none' or 'block' (recompute each residual block in the backward pass).
+    scan_blocks: run each stage's repeated blocks as one `lax.scan` (see `make_forward`).
     **kwargs: The family's constructor arguments (`variant` may be a mapping).
 
   Returns:
@@ -102,11 +104,11 @@ def create_model(name: str, num_classes: int, *, remat: str = 'none', **kwargs: 
   cls = model_class(name)
   kwargs = resolve_kwargs(name, kwargs)
   return cls(num_classes=variants.check_num_classes(num_classes),
-             remat=layers.check_remat(remat), **kwargs)
+             remat=layers.check_remat(remat), scan_blocks=bool(scan_blocks), **kwargs)
 
 
 def make_forward(name: str, num_classes: int, *, remat: str = 'none', folded: bool = False,
-                 **kwargs: Any) -> hk.TransformedWithState:
+                 scan_blocks: bool = False, **kwargs: Any) -> hk.TransformedWithState:
   """A transformed forward pass for family `name`.
 
   Args:
@@ -116,6 +118,12 @@ def make_forward(name: str, num_classes: int, *, remat: str = 'none', folded: bo
       parameters and outputs are the same either way).
     folded: run every WSConv2D as a plain convolution on pre-standardised kernels (params
       from `nfnets.inference.folding.fold_weight_standardization`; inference only).
+    scan_blocks: run the repeated (identity-shortcut) blocks of each stage of an NF family as
+      one `lax.scan` over parameters stacked inside the traced function: the program holds
+      one copy of such a block per stage instead of one per block. `init`, the parameter tree,
+      the outputs, the gradients and the random draws are those of the unscanned model up to
+      float rounding (BatchNorm ResNets always run unscanned). Where it pays off, and where
+      not, see `nfnets.models.layers.apply_blocks`.
     **kwargs: The family's constructor arguments (`variant` may be a mapping).
 
   Returns:
@@ -131,7 +139,7 @@ def make_forward(name: str, num_classes: int, *, remat: str = 'none', folded: bo
 
   def forward(images: jax.Array, is_training: bool,
               return_metrics: bool = False) -> dict[str, jax.Array]:
-    model = MODELS[name](num_classes=num_classes, remat=remat, **kwargs)
+    model = MODELS[name](num_classes=num_classes, remat=remat, scan_blocks=scan_blocks, **kwargs)
     folding = layers.folded_weight_standardization() if folded else contextlib.nullcontext()
     with folding:
       return model(images, is_training=is_training, return_metrics=return_metrics)

@@ -120,7 +120,7 @@ class ResNet(hk.Module):
                bn_decay_rate: float = 0.9, bn_eps: float = 1e-5,
                bn_cross_replica_axis: str | None = None,
                fc_init: hk.initializers.Initializer | None = None, remat: str = 'none',
-               name: str = 'ResNet'):
+               scan_blocks: bool = False, name: str = 'ResNet'):
     """Builds the network.
 
     Args:
@@ -139,6 +139,8 @@ class ResNet(hk.Module):
       bn_cross_replica_axis: pmap axis name to average batch statistics over, if any.
       fc_init: Classifier weight initialiser; zeros (the official default) if None.
       remat: 'block' recomputes each block in the backward pass; 'none' keeps activations.
+      scan_blocks: Accepted so every family takes the same execution options; BatchNorm
+        blocks update per-block moving statistics, so they always run one by one.
       name: Module name.
     """
     super().__init__(name=name)
@@ -147,6 +149,7 @@ class ResNet(hk.Module):
     self.num_classes = variants.check_num_classes(num_classes)
     self.drop_rate = variants.check_rate('drop_rate', drop_rate)
     self.remat = check_remat(remat)
+    del scan_blocks  # See Args: BatchNorm blocks always run one by one.
     self.variant = variants.resolve_variant('ResNet', RESNET_VARIANTS, ResNetVariant, variant,
                                             required=('depth',))
     self.preactivation = preactivation

@@ -259,9 +259,9 @@ def bench_nfnets(args: argparse.Namespace, info: Dict[str, Any],
     eval_size = args.eval_image_size or spec.test_imsize
 
     if 'train' in args.modes:
-      data = _data_options(args, spec, train_size)
-      batch = None
+      data = batch = None  # Only the train step needs data (MixUp needs an even batch).
       if not args.compile_only or 'step' in programs:
+        data = _data_options(args, spec, train_size)
         rng = np.random.default_rng(0)
         inputs = args.batch * data.inputs_per_example
         batch = mesh_lib.global_batch({

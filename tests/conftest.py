@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from photos import write_tiny_folder  # pylint: disable=g-import-not-at-top
+from tests.photos import write_tiny_folder  # pylint: disable=g-import-not-at-top
 
 # LLVM optimisation level 0: the tests run tiny models, so the code they compile is cheap to
 # run but expensive to optimise (a lone jax.random.normal took ~30 s of CPU to compile at the

@@ -15,7 +15,7 @@ import re
 import shlex
 from typing import Optional
 
-from command_helpers import REPO
+from tests.command_helpers import REPO
 
 # How a documented command starts: an interpreter running one of the project's entry points.
 COMMAND_START = re.compile(

@@ -14,8 +14,8 @@ import os
 
 import pytest
 
-from command_helpers import REPO, run
-import docs_helpers
+from tests.command_helpers import REPO, run
+from tests import docs_helpers
 
 
 def test_plot_writes_a_png_and_says_where(tmp_path):

@@ -14,8 +14,8 @@ import os
 
 import pytest
 
-from command_helpers import REPO
-import docs_helpers
+from tests.command_helpers import REPO
+from tests import docs_helpers
 
 
 def test_reads_commands_across_lines_and_drops_comments(tmp_path):

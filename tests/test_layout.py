@@ -83,15 +83,3 @@ def test_public_names_resolve_lazily():
     assert getattr(nfnets, name) is not None, name
   with pytest.raises(AttributeError, match="no attribute 'nope'"):
     nfnets.nope  # pylint: disable=pointless-statement
-
-
-def test_test_module_names_are_unique():
-  # pytest imports test modules by base name (no __init__.py in tests/): two test_options.py
-  # in different folders stop the whole collection ("import file mismatch"), as CI once saw.
-  tests_dir = os.path.dirname(os.path.abspath(__file__))
-  seen = {}
-  for root, _, names in os.walk(tests_dir):
-    for name in names:
-      if name.startswith("test_") and name.endswith(".py"):
-        seen.setdefault(name, []).append(os.path.relpath(os.path.join(root, name), tests_dir))
-  assert not {n: p for n, p in seen.items() if len(p) > 1}

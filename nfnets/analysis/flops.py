@@ -26,11 +26,11 @@ import numpy as np
 from nfnets.models import nfnet
 from nfnets.models import registry
 
-ModelSpec = Union[str, Callable[..., Any], hk.Transformed, hk.TransformedWithState]
+ModelLike = Union[str, Callable[..., Any], hk.Transformed, hk.TransformedWithState]
 ImageSize = Union[int, Sequence[int]]
 
 
-def _image_hw(model: ModelSpec, image_size: Optional[ImageSize],
+def _image_hw(model: ModelLike, image_size: Optional[ImageSize],
               model_kwargs: Mapping[str, Any]) -> Tuple[int, int]:
   """Resolves the (H, W) to count at; None means an NFNet's test resolution."""
   if image_size is None:
@@ -57,7 +57,7 @@ def _zeros_creator(next_creator, shape, dtype, init, context):
   return next_creator(shape, dtype, jnp.zeros)
 
 
-def _as_transformed(model: ModelSpec, num_classes: int,
+def _as_transformed(model: ModelLike, num_classes: int,
                     model_kwargs: Mapping[str, Any]) -> Any:
   """Returns an object with an `init(rng, images, **call_kwargs)` method."""
   if isinstance(model, (hk.Transformed, hk.TransformedWithState)):
@@ -118,7 +118,7 @@ def _macs_interceptor(counter: Dict[str, int]) -> Callable[..., Any]:
   return interceptor
 
 
-def model_cost(model: ModelSpec,
+def model_cost(model: ModelLike,
                image_size: Optional[ImageSize] = None,
                *,
                num_classes: int = 1000,
@@ -166,7 +166,7 @@ def model_cost(model: ModelSpec,
   return counter
 
 
-def count_macs(model: ModelSpec,
+def count_macs(model: ModelLike,
                image_size: Optional[ImageSize] = None,
                **kwargs: Any) -> int:
   """MACs per image (the NFNet paper's "FLOPs"); see `model_cost` for args.
@@ -179,7 +179,7 @@ def count_macs(model: ModelSpec,
   return model_cost(model, image_size, **kwargs)['macs']
 
 
-def count_params(model: ModelSpec,
+def count_params(model: ModelLike,
                  image_size: Optional[ImageSize] = None,
                  **kwargs: Any) -> int:
   """Number of parameters; see `model_cost` for args."""

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnets.models import schedule
+from nfnets.models import residual_scaling
 
 _METRIC_RE = re.compile(r'^(avg_sq_mean|avg_var|res_avg_var)_(\d+)$')
 
@@ -95,7 +95,8 @@ def collect_stats(outputs: Mapping[str, Any]) -> SignalStats:
 
 def stage_starts(depths: Sequence[int]) -> list[int]:
   """Global indices of the first (transition) block of each stage, e.g. (3,4,6,3) -> [0,3,7,13]."""
-  return [plan.index for plan in schedule.nf_block_schedule(depths, 0.0) if plan.first_in_stage]
+  blocks = residual_scaling.nf_block_scalings(depths, 0.0)
+  return [block.index for block in blocks if block.first_in_stage]
 
 
 def predicted_nf_variance(depths: Sequence[int], alpha: float,
@@ -109,9 +110,9 @@ def predicted_nf_variance(depths: Sequence[int], alpha: float,
 
   Returns:
     [num_blocks] predicted Var x_{k+1}: 1 + (alpha g)^2 after each transition, then
-    + (alpha g)^2 per block within the stage (the models' schedule with alpha * g).
+    + (alpha g)^2 per block within the stage (the models' residual scaling with alpha * g).
   """
-  plans = schedule.nf_block_schedule(depths, alpha * skip_gain)
+  plans = residual_scaling.nf_block_scalings(depths, alpha * skip_gain)
   return np.array([plan.expected_var for plan in plans], np.float64)
 
 
@@ -122,7 +123,8 @@ def predicted_betas(depths: Sequence[int], alpha: float) -> np.ndarray:
   initial gains of 0 the betas over-correct within a stage; that is harmless at init because
   the branches are switched off.
   """
-  return np.array([plan.beta for plan in schedule.nf_block_schedule(depths, alpha)], np.float64)
+  blocks = residual_scaling.nf_block_scalings(depths, alpha)
+  return np.array([block.beta for block in blocks], np.float64)
 
 
 def variance_increments(stats: SignalStats, depths: Sequence[int]) -> dict[str, np.ndarray]:

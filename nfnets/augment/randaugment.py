@@ -1,6 +1,6 @@
 """RandAugment (Cubuk et al. 2020) in pure JAX, per example, inside a jitted/pmapped train step.
 
-This mirrors the TensorFlow reference `nfnets/data/randaugment.py` op by op: the same 16 ops in
+This mirrors the TensorFlow oracle `tests/augment/tf_randaugment.py` op by op: the same 16 ops in
 the same order (`OP_NAMES`), the same level maps (magnitudes above 10 extrapolate linearly) and
 the same integer/float arithmetic, so a uint8 image gives the same uint8 result. Only the random
 stream differs (jax.random, not tf.random.stateless_*): keys and TF seeds pick different ops.

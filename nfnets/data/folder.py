@@ -40,8 +40,8 @@ import tensorflow as tf
 
 from nfnets import files
 
-# The formats tf.io.decode_image understands; others are ignored, not errors.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# The formats tf.io.decode_image understands (files.IMAGE_EXTENSIONS); others are ignored.
+IMAGE_EXTENSIONS = files.IMAGE_EXTENSIONS
 SPLITS = ("train", "test")
 
 

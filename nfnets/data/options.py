@@ -9,6 +9,8 @@ TensorFlow), so the training side can hold these options without importing tf.da
 import dataclasses
 from typing import Optional
 
+from nfnets import files
+
 # What `data.name` may be besides any prepared TFDS name.
 SPECIAL_NAMES = ("fake", "folder", "mnist5k", "imagenet2012")
 # MixUp/CutMix pairing (see nfnets.augment.mixing): 'paper' decodes two images per output
@@ -101,10 +103,7 @@ class DataOptions:
     if self.image_size <= 0 or self.eval_image_size <= 0:
       raise ValueError(f"data.image_size and data.eval_image_size must be positive pixels, got "
                        f"{self.image_size} and {self.eval_image_size}.")
-    # The largest resolution of any variant is NF-RegNet-B8's 672 px test size (NFNet-F7: 608);
-    # 1024 leaves room for higher-resolution evaluation, while a typo such as 60000 would need
-    # 43 GB for one float32 image and be killed for memory instead of refused.
-    max_side = 1024
+    max_side = files.MAX_IMAGE_SIZE
     for field in ("image_size", "eval_image_size"):
       if getattr(self, field) > max_side:
         raise ValueError(f"data.{field} must be at most {max_side} pixels (the largest variant "

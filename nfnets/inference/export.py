@@ -18,14 +18,12 @@ folded into the kernels first (`folding.py`), so the graphs contain plain convol
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nfnets import weights as weights_lib
 from nfnets.data.normalization import normalize

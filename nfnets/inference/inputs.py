@@ -12,9 +12,8 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Union
 
-# The formats TensorFlow's decoder (the training pipeline's) reads; the same as
-# `nfnets.data.folder.IMAGE_EXTENSIONS`, so a folder that trains is a folder that predicts.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+from nfnets.files import IMAGE_EXTENSIONS
+
 # The file a run's workdir is recognised by (`nfnets.train.workdir.CONFIG_FILE`).
 WORKDIR_CONFIG = "config.json"
 
@@ -140,5 +139,7 @@ def check_config_path(path: str, what: str = "--config") -> str:
 def config_import_message(path: str, error: ImportError) -> str:
   """One line for a config file whose imports fail (typically: run outside the repository)."""
   name = getattr(error, "name", None) or str(error)
+  if not str(name).startswith("configs"):  # A broken install, not a wrong directory.
+    return f"--config={path}: {type(error).__name__}: {error}"
   return (f"--config={path}: cannot import {name!r}; the configs import each other as the "
           "`configs` package, so run from the repository root or add it to PYTHONPATH")

@@ -5,8 +5,9 @@ Haiku modules only. Nothing here imports training, data, weights or analysis cod
 enforces this).
 
   layers.py       WSConv2D, SqueezeExcite, StochDepth and the block pieces every family shares
+  blocks.py       the body loop: blocks in order, rematerialised or scanned (scan_blocks)
   activations.py  the gamma-scaled nonlinearities (the official constants)
-  schedule.py     the NF residual bookkeeping: beta, the variance reset, the stochastic-depth ramp
+  residual_scaling.py  the NF residual bookkeeping: beta, variance reset, stochastic-depth ramp
   variants.py     one variant resolver for every family; the shared ResNet depth table
   nfnet.py nf_resnet.py nf_regnet.py resnet.py   one family each, variant tables on the class
   registry.py     MODELS, create_model, make_forward

@@ -1,7 +1,7 @@
 """Normalizer-Free RegNets (the NF-RegNet B0-B8 of Brock, De & Smith, ICLR 2021).
 
 EfficientNet-like inverted bottlenecks made normalizer-free with the NF-ResNet recipe
-(beta / alpha bookkeeping from `nfnets.models.schedule`, Scaled WS convs, gamma-scaled
+(beta / alpha bookkeeping from `nfnets.models.residual_scaling`, Scaled WS convs, gamma-scaled
 activations, SkipInit gain):
 
 * the expansion is relative to the block *input* width (2.25x), rounded down to whole groups
@@ -24,10 +24,10 @@ import jax.numpy as jnp
 
 from nfnets.models import variants
 from nfnets.models.activations import get_activation
-from nfnets.models.layers import (BlockScalars, NFResidualBlock, SqueezeExcite, StochDepth,
-                                  WSConv2D, apply_blocks, check_remat, classifier_head,
+from nfnets.models.blocks import BlockScalars, NFResidualBlock, apply_blocks, check_remat
+from nfnets.models.layers import (SqueezeExcite, StochDepth, WSConv2D, classifier_head,
                                   merge_nf_residual, pooled_shortcut)
-from nfnets.models.schedule import nf_block_schedule
+from nfnets.models.residual_scaling import nf_block_scalings
 
 # The official default 'swish' is not in the gamma table (a KeyError there); it is SiLU.
 _ACTIVATION_ALIASES = {'swish': 'silu'}
@@ -191,7 +191,7 @@ class NF_RegNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
       skip_gain_init: Initialiser of every block's scalar `skip_gain` (zeros = SkipInit).
       remat: 'block' recomputes each block in the backward pass; 'none' keeps activations.
       scan_blocks: Run the repeated blocks of each stage as one `lax.scan`: each is traced
-        once per stage; parameters and values unchanged (see `layers.apply_blocks`).
+        once per stage; parameters and values unchanged (see `blocks.apply_blocks`).
       name: Module name.
     """
     super().__init__(name=name)
@@ -208,7 +208,7 @@ class NF_RegNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
     ch = widths[0]
     self.initial_conv = WSConv2D(ch, 3, stride=2, name='initial_conv')
     self.blocks = []
-    for plan in nf_block_schedule(variant.depth, alpha, stochdepth_rate):
+    for plan in nf_block_scalings(variant.depth, alpha, stochdepth_rate):
       out_ch = widths[plan.stage]
       self.blocks.append(NFRegBlock(
           ch, out_ch, expansion=1.0 if plan.index == 0 else expansion, se_ratio=se_ratio,

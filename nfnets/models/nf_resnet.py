@@ -12,7 +12,8 @@ right analytically instead:
 * the branch output is multiplied by `alpha` and a scalar `skip_gain` initialised at 0 (SkipInit),
   so at initialisation every block is the identity on its (projected) shortcut.
 
-Beta and the stochastic-depth ramp come from `nfnets.models.schedule`, as for every NF family.
+Beta and the stochastic-depth ramp come from `nfnets.models.residual_scaling`, as for every NF
+family.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ import jax.numpy as jnp
 
 from nfnets.models import variants
 from nfnets.models.activations import get_activation
-from nfnets.models.layers import (BlockScalars, NFResidualBlock, SqueezeExcite, StochDepth,
-                                  WSConv2D, apply_blocks, check_remat, classifier_head,
+from nfnets.models.blocks import BlockScalars, NFResidualBlock, apply_blocks, check_remat
+from nfnets.models.layers import (SqueezeExcite, StochDepth, WSConv2D, classifier_head,
                                   merge_nf_residual)
-from nfnets.models.schedule import nf_block_schedule
+from nfnets.models.residual_scaling import nf_block_scalings
 from nfnets.models.variants import (RESNET_STAGE_STRIDES, RESNET_VARIANTS, ResNetVariant,
                                     resnet_stage_widths)
 
@@ -137,7 +138,7 @@ class NF_ResNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
       skip_gain_init: Initialiser of every block's scalar `skip_gain` (zeros = SkipInit).
       remat: 'block' recomputes each block in the backward pass; 'none' keeps activations.
       scan_blocks: Run the repeated blocks of each stage as one `lax.scan`: each is traced
-        once per stage; parameters and values unchanged (see `layers.apply_blocks`).
+        once per stage; parameters and values unchanged (see `blocks.apply_blocks`).
       name: Module name.
     """
     super().__init__(name=name)
@@ -154,7 +155,7 @@ class NF_ResNet(hk.Module):  # pylint: disable=invalid-name  (the paper's name)
     # No with_bias here: WSConv2D always has a bias (the official with_bias=False was ignored).
     self.initial_conv = WSConv2D(ch, 7, stride=2, name='initial_conv')
     self.blocks = []
-    for plan in nf_block_schedule(self.variant.depth, alpha, stochdepth_rate):
+    for plan in nf_block_scalings(self.variant.depth, alpha, stochdepth_rate):
       out_ch = widths[plan.stage]
       stride = RESNET_STAGE_STRIDES[plan.stage] if plan.first_in_stage else 1
       self.blocks.append(NFResBlock(

@@ -22,8 +22,9 @@ import haiku as hk
 import jax
 
 from nfnets.models import activations
+from nfnets.models import blocks
 from nfnets.models import layers
-from nfnets.models import schedule
+from nfnets.models import residual_scaling
 from nfnets.models import variants
 
 _NUM_STAGES = 4
@@ -117,7 +118,7 @@ def resolve_variant(
                                   required=('width', 'depth'))
 
 
-class NFBlock(layers.NFResidualBlock):
+class NFBlock(blocks.NFResidualBlock):
   """NFNet bottleneck block: 1x1 -> 3x3 grouped -> 3x3 grouped -> 1x1 -> SE.
 
   Computes h_out = h + alpha * skip_gain * f(act(h) * beta), where beta
@@ -191,7 +192,7 @@ class NFBlock(layers.NFResidualBlock):
                         else None)
 
   def __call__(self, x: jax.Array, is_training: bool,
-               scalars: Optional[layers.BlockScalars] = None
+               scalars: Optional[blocks.BlockScalars] = None
                ) -> Tuple[jax.Array, jax.Array]:
     """Applies the block.
 
@@ -268,14 +269,14 @@ class NFNet(hk.Module):
         ~1 extra forward pass); 'none' keeps every activation. Values are unchanged.
       scan_blocks: Run the repeated blocks of each stage as one `lax.scan`: each is
         traced once per stage; parameters and values unchanged (see
-        `layers.apply_blocks`).
+        `blocks.apply_blocks`).
       name: Module name; 'NFNet' gives the official parameter paths.
     """
     super().__init__(name=name)
     self.num_classes = variants.check_num_classes(num_classes)
     self.variant = resolve_variant(variant)
     self.width = width
-    self.remat = layers.check_remat(remat)
+    self.remat = blocks.check_remat(remat)
     self.scan_blocks = bool(scan_blocks)
     self.activation = activations.get_activation(activation)
     self.drop_rate = variants.check_rate(
@@ -292,10 +293,10 @@ class NFNet(hk.Module):
     ]
 
     # Body: beta, the stochastic-depth ramp and the variance reset at transitions come from
-    # the one NF schedule (see nfnets.models.schedule for the derivation).
+    # the one NF residual scaling (see nfnets.models.residual_scaling for the derivation).
     self.blocks = []
     self.stage_ends = []  # global index of the last block of each stage
-    for plan in schedule.nf_block_schedule(self.variant.depth, alpha, stochdepth_rate):
+    for plan in residual_scaling.nf_block_scalings(self.variant.depth, alpha, stochdepth_rate):
       stage = plan.stage
       out_ch = int(self.variant.width[stage] * width)
       group_width = int(self.variant.group_width[stage])
@@ -365,7 +366,7 @@ class NFNet(hk.Module):
       if i < len(self.stem_convs) - 1:  # no activation after stem_conv3
         out = self.activation(out)
     outputs['stem'] = out
-    out = layers.apply_blocks(self.blocks, out, is_training, outputs, return_metrics,
+    out = blocks.apply_blocks(self.blocks, out, is_training, outputs, return_metrics,
                               stage_ends=self.stage_ends, remat=self.remat,
                               scan_blocks=self.scan_blocks)
     out = self.activation(self.final_conv(out))

@@ -23,6 +23,7 @@ from typing import Any
 import haiku as hk
 import jax
 
+from nfnets.models import blocks
 from nfnets.models import layers
 from nfnets.models import variants
 from nfnets.models.nf_regnet import NF_RegNet, NFRegNetVariant
@@ -104,7 +105,7 @@ def create_model(name: str, num_classes: int, *, remat: str = 'none', scan_block
   cls = model_class(name)
   kwargs = resolve_kwargs(name, kwargs)
   return cls(num_classes=variants.check_num_classes(num_classes),
-             remat=layers.check_remat(remat), scan_blocks=bool(scan_blocks), **kwargs)
+             remat=blocks.check_remat(remat), scan_blocks=bool(scan_blocks), **kwargs)
 
 
 def make_forward(name: str, num_classes: int, *, remat: str = 'none', folded: bool = False,
@@ -123,7 +124,7 @@ def make_forward(name: str, num_classes: int, *, remat: str = 'none', folded: bo
       one copy of such a block per stage instead of one per block. `init`, the parameter tree,
       the outputs, the gradients and the random draws are those of the unscanned model up to
       float rounding (BatchNorm ResNets always run unscanned). Where it pays off, and where
-      not, see `nfnets.models.layers.apply_blocks`.
+      not, see `nfnets.models.blocks.apply_blocks`.
     **kwargs: The family's constructor arguments (`variant` may be a mapping).
 
   Returns:
@@ -135,7 +136,7 @@ def make_forward(name: str, num_classes: int, *, remat: str = 'none', folded: bo
   # Validate eagerly, before any tracing, so config mistakes surface at build time.
   kwargs = resolve_kwargs(name, kwargs)
   num_classes = variants.check_num_classes(num_classes)
-  layers.check_remat(remat)
+  blocks.check_remat(remat)
 
   def forward(images: jax.Array, is_training: bool,
               return_metrics: bool = False) -> dict[str, jax.Array]:

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from nfnets.models import variants
-from nfnets.models.layers import SqueezeExcite, apply_blocks, check_remat, classifier_head
+from nfnets.models.blocks import apply_blocks, check_remat
+from nfnets.models.layers import SqueezeExcite, classifier_head
 from nfnets.models.variants import (RESNET_STAGE_STRIDES, RESNET_VARIANTS, ResNetVariant,
                                     resnet_stage_widths)
 

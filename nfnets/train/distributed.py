@@ -5,29 +5,34 @@ points JAX's persistent compilation cache at the workdir. A process that finds a
 (a bad workdir, unreadable checkpoints, a refused config) must not stop alone: the others would
 wait in their next collective until a cluster timeout, with no message. So every such check is
 followed by `raise_together`, and verdicts that must be the same everywhere (which checkpoint to
-resume from) by `agree`: both exchange one small message between all processes at a point every
-process reaches, and every log names the cause.
+resume from) by `agree`: both exchange one small message between all processes (through the
+coordination service, not a device collective) at a point every process reaches, and every log
+names the cause. Programs with collectives are compiled on their first call and then wait for
+every process (`CompiledTogether`), and a process whose peer is lost ends in one line
+(`exit_lost_process`).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
+import threading
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import jax
-import numpy as np
 
 from nfnets import paths
+from nfnets.train import signals
 
 
 class StoppedByOtherHostError(ValueError):
   """Another process refused to start or go on (its message is this error's)."""
 
 
-# Room for one process's one-line error when it is sent to the others (longer is cut).
-_MESSAGE_BYTES = 1024
+# One process's one-line error, as sent to the others (longer is cut).
+_MESSAGE_CHARS = 2000
 
 
 def setup_jax(distributed: bool, compilation_cache_dir: str, workdir: str) -> None:
@@ -53,6 +58,10 @@ def setup_jax(distributed: bool, compilation_cache_dir: str, workdir: str) -> No
     if os.environ.get("NFNETS_HEARTBEAT_TIMEOUT"):
       kwargs["heartbeat_timeout_seconds"] = int(os.environ["NFNETS_HEARTBEAT_TIMEOUT"])
     jax.distributed.initialize(**kwargs)
+    # JAX's pre-emption notifier takes over SIGTERM during initialize (and swallows it unless
+    # its own sync point is polled): take it back, so that a signal on any host reaches the
+    # flags every host decides on after each step.
+    signals.STOP.install(force=True)
   cache = (compilation_cache_dir or os.environ.get("NFNETS_COMPILATION_CACHE")
            or os.fspath(paths.resolve(workdir) / "jax_cache"))
   jax.config.update("jax_compilation_cache_dir", paths.absolute(cache))
@@ -96,18 +105,60 @@ def is_host0() -> bool:
   return jax.process_index() == 0
 
 
-def _encode(text: str) -> np.ndarray:
-  data = text.encode()[:_MESSAGE_BYTES]
-  message = np.zeros(_MESSAGE_BYTES, np.uint8)
-  message[:len(data)] = np.frombuffer(data, np.uint8)
-  return message
+# Seconds a process waits for the others at an exchange or barrier (a slow host may still be
+# compiling or reading its data: generous, but bounded).
+_BARRIER_SECONDS = float(os.environ.get("NFNETS_BARRIER_TIMEOUT", "1800"))
+_SEQUENCE = itertools.count()
+
+
+def _client():
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  return jax_distributed.global_state.client
 
 
 def _gather_messages(text: str) -> list[str]:
-  """Every process's message (in process order); "" where a process had none."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  gathered = np.asarray(multihost_utils.process_allgather(_encode(text)))
-  return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in gathered]
+  """Every process's message (in process order); "" where a process had none.
+
+  Through the coordination service's key-value store and a barrier, not a device collective:
+  processes may arrive minutes apart (one still compiling), longer than a collective waits for
+  its peers to join.
+  """
+  name = f"nfnets/exchange/{next(_SEQUENCE)}"
+  client = _client()
+  client.key_value_set(f"{name}/{jax.process_index()}", "+" + text)
+  timeout = int(_BARRIER_SECONDS * 1000)
+  client.wait_at_barrier(f"{name}/barrier", timeout)
+  return [client.blocking_key_value_get(f"{name}/{i}", timeout)[1:]
+          for i in range(jax.process_count())]
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches `barrier(name)` (no-op with one process)."""
+  if jax.process_count() > 1:
+    _client().wait_at_barrier(f"nfnets/{name}/{next(_SEQUENCE)}", int(_BARRIER_SECONDS * 1000))
+
+
+class CompiledTogether:
+  """A jitted program compiled on its first call, after which every process waits for the rest.
+
+  The first run of a program with collectives sets up its communicators, which waits only
+  seconds (30 with gloo) for every peer; a process that loads the program from the persistent
+  cache would otherwise get there minutes before one that compiles it. Later calls run the
+  compiled program (the same inputs' shapes and shardings every time).
+  """
+
+  def __init__(self, jitted: Any):
+    self.jitted = jitted
+    self._compiled = None
+
+  def __call__(self, *args: Any) -> Any:
+    if self._compiled is None:
+      self._compiled = self.jitted.lower(*args).compile()
+      barrier("compiled")
+    return self._compiled(*args)
+
+  def lower(self, *args: Any) -> Any:
+    return self.jitted.lower(*args)
 
 
 def raise_together(error: Optional[Exception]) -> None:
@@ -123,7 +174,7 @@ def raise_together(error: Optional[Exception]) -> None:
     if error is not None:
       raise error
     return
-  text = f"{type(error).__name__}: {error}" if error is not None else ""
+  text = f"{type(error).__name__}: {error}"[:_MESSAGE_CHARS] if error is not None else ""
   messages = _gather_messages(text)
   if error is not None:
     raise error
@@ -146,22 +197,26 @@ LOST_PROCESS_EXIT = 75
 
 
 def lost_processes(wait_seconds: float) -> list[int]:
-  """Processes the coordination service no longer counts as alive, waiting up to
-  `wait_seconds` for its heartbeat check to notice ([] when it cannot tell)."""
+  """Processes the coordination service no longer counts as alive ([] when it cannot tell
+  within `wait_seconds`: its query waits for every live process, and a live one may be stuck
+  in a collective)."""
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
   client = jax_distributed.global_state.client
+  if client is None:
+    return []
   everyone = list(range(jax.process_count()))
-  deadline = time.monotonic() + wait_seconds
-  while client is not None:
+  found: list[int] = []
+
+  def query():
     try:
-      live = client.get_live_nodes(everyone)
+      found.extend(sorted(set(everyone) - set(client.get_live_nodes(everyone))))
     except Exception:  # pylint: disable=broad-except  (the service itself may be gone)
-      return []
-    lost = sorted(set(everyone) - set(live))
-    if lost or time.monotonic() > deadline:
-      return lost
-    time.sleep(0.5)
-  return []
+      pass
+
+  thread = threading.Thread(target=query, daemon=True)
+  thread.start()
+  thread.join(wait_seconds)
+  return list(found)
 
 
 def exit_lost_process(error: BaseException) -> None:
@@ -170,8 +225,12 @@ def exit_lost_process(error: BaseException) -> None:
   Nothing is cleaned up or saved: the state may be partial, and a pending write of an
   earlier checkpoint cannot commit without the lost process (the next run sets it aside).
   """
-  heartbeat = float(os.environ.get("NFNETS_HEARTBEAT_TIMEOUT", "100"))
-  lost = lost_processes(wait_seconds=heartbeat + 5)
+  # The coordination service names a lost process only after its heartbeat timeout, and then
+  # aborts every process with a stack dump: ask briefly, and leave before that.
+  lost = lost_processes(wait_seconds=2.0)
+  others = [i for i in range(jax.process_count()) if i != jax.process_index()]
+  if not lost and len(others) == 1:
+    lost = others  # With two processes, the lost one is the other one.
   who = ("process " + ", ".join(map(str, lost))) if lost else "another process"
   first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
   sys.stdout.flush()

@@ -12,9 +12,7 @@ summed there (`nfnets.train.metrics`); the host fetches them every `train.log_ev
 steps and before a checkpoint, and the next batch is sent to the devices while the current
 step runs (`mesh.prefetch`).
 
-`--mode=eval` only reads the workdir (weights through `checkpoints.read_weights`, no lock, no
-optimizer), so it runs beside a training run or on a read-only copy; its result goes to
-`<workdir>/eval/<split>_<step>.json` (when the workdir is writable) and to the console.
+`--mode=eval` only reads the workdir (`evaluation.evaluate_run`).
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from nfnets import paths
@@ -113,23 +110,10 @@ def derive_setup(options: ExperimentOptions, data: DatasetInfo, device_count: in
                accum_steps=step_lib.grad_accum_steps(options.train, per_device))
 
 
-def make_forward(options: ExperimentOptions, num_classes: int):
-  return registry.make_forward(options.model.name, num_classes, remat=options.model.remat,
-                               scan_blocks=options.model.scan_blocks, **options.model.kwargs)
-
-
 def make_augment(options: ExperimentOptions):
   """The device-side augmentation of the training batches (uint8 in, normalised out)."""
   from nfnets.augment import batch as augment_batch  # pylint: disable=g-import-not-at-top
   return augment_batch.make_augment(options.data)
-
-
-def model_shapes(forward: Any, image_shape: tuple[int, ...]) -> tuple[Any, Any]:
-  """(params, state) of the model as ShapeDtypeStructs, computing nothing."""
-  return jax.eval_shape(
-      lambda r, x: forward.init(r, x, is_training=True),
-      jax.ShapeDtypeStruct((2,), jnp.uint32),
-      jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32))
 
 
 # ------------------------------------------------------------------------------- the loop
@@ -284,27 +268,6 @@ def _startup_summary(options: ExperimentOptions, setup: Setup, shapes: Any,
   ])
 
 
-def final_line(step: int, results: Mapping[str, float]) -> str:
-  """The run's last line: 'FINAL step N: top-1 ... | EMA top-1 ... | top-5 ... | loss ...'."""
-  return (f"FINAL step {step}: top-1 {results['top_1_acc']:.4f} | "
-          f"EMA top-1 {results['ema_top_1_acc']:.4f} | top-5 {results['top_5_acc']:.4f} | "
-          f"loss {results['loss']:.4f} ({int(results['num_examples'])} examples)")
-
-
-def _make_run_eval(options: ExperimentOptions, forward: Any, num_classes: int,
-                   num_eval: int, mesh: Any) -> Callable[[Any, Any], dict]:
-  eval_step = step_lib.make_eval_step(forward, num_classes, mesh=mesh)
-  index, count = mesh_lib.local_share(mesh)
-
-  def evaluate(sets: Mapping[str, tuple[Any, Any]], max_batches: int = 0) -> dict[str, float]:
-    batches = datasets.eval_iterator(
-        options.data, global_batch_size=options.eval.batch_size, host_index=index,
-        host_count=count, num_classes=num_classes, num_examples=num_eval)
-    return evaluation.evaluate(eval_step, sets, batches, mesh, max_batches)
-
-  return evaluate
-
-
 def run(options: ExperimentOptions, workdir: Optional[str], mode: str = "train_and_eval") -> dict:
   """Trains and/or evaluates as the options say; returns the last eval metrics.
 
@@ -336,7 +299,7 @@ def run(options: ExperimentOptions, workdir: Optional[str], mode: str = "train_a
   mesh = mesh_lib.make_mesh()
   try:
     if mode == "eval":
-      return evaluate_run(options, workdir, mesh)
+      return evaluation.evaluate_run(options, workdir, mesh)
     return train(options, workdir, mode, mesh)
   except jax.errors.JaxRuntimeError as e:
     if distributed.is_collective_failure(e):
@@ -365,9 +328,9 @@ def train(options: ExperimentOptions, workdir: str, mode: str, mesh: Any) -> dic
       options = finetune.with_source_architecture(options, source)
     setup = derive_setup(options, data_info, jax.device_count())
     num_classes = data_info.num_classes
-    forward = make_forward(options, num_classes)
+    forward = state_lib.make_forward(options.model, num_classes)
     image_shape = (options.data.image_size, options.data.image_size, data_info.channels)
-    shapes, state_shapes = model_shapes(forward, image_shape)
+    shapes, state_shapes = state_lib.model_shapes(forward, image_shape)
     optimizer, schedule = optim.build_optimizer(
         options.optimizer, batch_size=options.train.batch_size,
         steps_per_epoch=setup.steps_per_epoch, total_steps=setup.total_steps)
@@ -418,13 +381,9 @@ def train(options: ExperimentOptions, workdir: str, mode: str, mesh: Any) -> dic
       reporter.print(f"Already trained: step {step} >= {setup.total_steps}.")
     run_eval = None
     if mode == "train_and_eval":
-      evaluate = _make_run_eval(options, forward, num_classes, data_info.num_eval, mesh)
-
-      def run_eval(ts: Any, at_step: int, max_batches: int = 0) -> dict[str, float]:
-        res = evaluate({"": (ts.params, ts.state), "ema_": (ts.ema_params, ts.ema_state)},
-                       max_batches)
-        reporter.log_eval(at_step, res)
-        return res
+      run_eval = _periodic_evaluation(
+          evaluation.make_evaluator(options, forward, num_classes, data_info.num_eval, mesh),
+          reporter)
 
     if step < setup.total_steps:
       train_step = step_lib.make_train_step(
@@ -445,8 +404,19 @@ def train(options: ExperimentOptions, workdir: str, mode: str, mesh: Any) -> dic
     if run_eval is None:
       return {}
     results = run_eval(ts, step)
-    reporter.print(final_line(step, results))
+    reporter.print(evaluation.final_line(step, results))
     return results
+
+
+def _periodic_evaluation(evaluate: Callable[..., dict], reporter: reporting.Reporter
+                         ) -> Callable[[Any, int, int], dict]:
+  """run_eval(state, step, max_batches): both weight sets evaluated and reported."""
+  def run_eval(ts: Any, at_step: int, max_batches: int = 0) -> dict[str, float]:
+    res = evaluate({"": (ts.params, ts.state), "ema_": (ts.ema_params, ts.ema_state)},
+                   max_batches)
+    reporter.log_eval(at_step, res)
+    return res
+  return run_eval
 
 
 def _device_inputs(batches: Iterator[dict], step: int, rows: tuple[int, int],
@@ -468,58 +438,6 @@ def _device_inputs(batches: Iterator[dict], step: int, rows: tuple[int, int],
   finally:
     if log is not None:
       log.close()
-
-
-def evaluate_run(options: ExperimentOptions, workdir: str, mesh: Any) -> dict:
-  """'eval': the newest verified checkpoint of `workdir` (or init.weights), read only."""
-  data_info = datasets.dataset_info(options.data)
-  num_classes = data_info.num_classes
-  forward = make_forward(options, num_classes)
-  image_shape = (options.data.image_size, options.data.image_size, data_info.channels)
-  shapes, state_shapes = model_shapes(forward, image_shape)
-  ckpt_dir = paths.resolve(workdir) / "checkpoints"
-  error, sets, step, source = None, None, 0, ""
-  try:
-    if checkpoints.step_dirs(ckpt_dir):
-      saved = integrity.read_signature(ckpt_dir)
-      wanted = integrity.model_signature(options.model.name, options.model.kwargs, shapes)
-      if saved is not None and not integrity.same_model(saved, wanted):
-        raise integrity.SignatureMismatchError(
-            f"{workdir} holds checkpoints of a different model than the config describes "
-            f"({integrity.signature_diff(saved, wanted)}); evaluate it with its own config "
-            "(leave --config out).")
-      both = {}
-      for ema in (False, True):
-        weights = checkpoints.read_weights(ckpt_dir, {"params": shapes, "state": state_shapes},
-                                           ema=ema)
-        both[ema] = (weights.params, weights.state)
-      step, source = weights.step, weights.path
-      for name, reason in weights.skipped:
-        print(f"Checkpoint {name} is unreadable ({reason}); using the previous one.")
-      sets = {"": both[False], "ema_": both[True]}
-    elif options.init.weights:
-      source_info = finetune.describe(options.init.weights)
-      loaded = finetune.load(source_info, options, shapes, data_info)
-      sets = {"": (loaded.params, loaded.state), "ema_": (loaded.params, loaded.state)}
-      source = options.init.weights
-    else:
-      raise ValueError(f"Nothing to evaluate: no checkpoint in {ckpt_dir} and no "
-                       "config.init.weights.")
-  except ValueError as e:
-    error = e
-  distributed.raise_together(error)
-  sets = {k: mesh_lib.replicate(v, mesh) for k, v in sets.items()}
-  results = _make_run_eval(options, forward, num_classes, data_info.num_eval, mesh)(sets)
-  split = options.data.eval_split
-  record = {"step": step, "split": split, "weights": source, **results}
-  if distributed.is_host0():
-    written = workdir_lib.write_eval_record(workdir, split, step, record)
-    print(f"[eval {split} @ step {step}] " + " | ".join(
-        f"{k} {v:.4f}" for k, v in sorted(results.items())))
-    if written:
-      print(f"Wrote {written}")
-    print(final_line(step, results), flush=True)
-  return results
 
 
 def _train_macs(forward: Any, image_shape: tuple) -> Optional[int]:

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import ml_collections
 
 from nfnets.data.options import DataOptions
-from nfnets.models.layers import REMAT_MODES
+from nfnets.models.blocks import REMAT_MODES
 from nfnets.train.agc import CLASSIFIER_WEIGHT
 
 

@@ -49,13 +49,19 @@ class StopFlag:
     logging.warning("Received %s: will save a checkpoint and exit after this step.",
                     signal.Signals(signum).name)
 
-  def install(self) -> "StopFlag":
-    """Starts recording SIGTERM/SIGINT (idempotent)."""
+  def install(self, force: bool = False) -> "StopFlag":
+    """Starts recording SIGTERM/SIGINT (idempotent).
+
+    Args:
+      force: install the handlers again even if installed before (a library, e.g. JAX's
+        pre-emption notifier, may have replaced them since).
+    """
     for sig in _SIGNALS:
-      if sig in self._previous:
+      if sig in self._previous and not force:
         continue
       try:
-        self._previous[sig] = signal.signal(sig, self._handle)
+        previous = signal.signal(sig, self._handle)
+        self._previous.setdefault(sig, previous)
       except ValueError:  # Not the main thread (e.g. under some test runners): no handlers.
         pass
     return self

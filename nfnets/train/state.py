@@ -114,6 +114,22 @@ def init_train_state(forward: hk.TransformedWithState,
   return mesh_lib.replicate(jax.device_get(ts), mesh) if mesh is not None else ts
 
 
+def make_forward(model: Any, num_classes: int) -> hk.TransformedWithState:
+  """The transformed model of `config.model` (a ModelOptions) with `num_classes` outputs."""
+  from nfnets.models import registry  # pylint: disable=g-import-not-at-top
+  return registry.make_forward(model.name, num_classes, remat=model.remat,
+                               scan_blocks=model.scan_blocks, **model.kwargs)
+
+
+def model_shapes(forward: hk.TransformedWithState, image_shape: Sequence[int]
+                 ) -> tuple[Any, Any]:
+  """(params, state) of the model as ShapeDtypeStructs, computing nothing."""
+  return jax.eval_shape(
+      lambda r, x: forward.init(r, x, is_training=True),
+      jax.ShapeDtypeStruct((2,), jnp.uint32),
+      jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32))
+
+
 def abstract_train_state(forward: hk.TransformedWithState,
                          optimizer: optax.GradientTransformation,
                          image_shape: Sequence[int]) -> TrainState:

@@ -56,6 +56,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from nfnets.train import agc
+from nfnets.train import distributed
 from nfnets.train import mesh as mesh_lib
 from nfnets.train import optim
 from nfnets.train.mesh import DATA_AXIS
@@ -271,6 +272,7 @@ class TrainStep:
   def __init__(self, jitted: Callable, mesh: Mesh):
     self.jitted = jitted
     self.mesh = mesh
+    self._program = distributed.CompiledTogether(jitted)
     self._no_flags = None
 
   def host_flags(self, **flags: bool) -> jax.Array:
@@ -286,7 +288,7 @@ class TrainStep:
       if self._no_flags is None:
         self._no_flags = self.host_flags()
       flags = self._no_flags
-    return self.jitted(ts, batch, flags)
+    return self._program(ts, batch, flags)
 
   def lower(self, ts: TrainState, batch: Mapping[str, Any]):
     flags = self._no_flags if self._no_flags is not None else self.host_flags()
@@ -419,9 +421,10 @@ def make_eval_step(forward: hk.TransformedWithState, num_classes: int, *,
     mesh: the device mesh; default every device of every host.
 
   Returns:
-    A jitted function returning replicated float32 {'top_1_correct', 'top_5_correct',
-    'loss_sum' (cross-entropy without label smoothing), 'count'}, summed over the global
-    batch; examples with batch['mask'] == 0 (padding) are excluded. Divide by 'count'.
+    A function (compiled on its first call) returning replicated float32 {'top_1_correct',
+    'top_5_correct', 'loss_sum' (cross-entropy without label smoothing), 'count'}, summed over
+    the global batch; examples with batch['mask'] == 0 (padding) are excluded. Divide by
+    'count'.
   """
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}.')
@@ -449,4 +452,4 @@ def make_eval_step(forward: hk.TransformedWithState, num_classes: int, *,
 
   body = jax.shard_map(eval_step, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)), out_specs=P(),
                        check_vma=False)
-  return jax.jit(body)
+  return distributed.CompiledTogether(jax.jit(body))

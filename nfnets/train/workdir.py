@@ -118,8 +118,9 @@ class Lease:
   `<workdir>/.lease` holds its owner (a random id, host, pid) and a heartbeat time, rewritten
   every LEASE_SECONDS / 4 by a background thread while the run lives. A second launch refuses
   while the lease is fresh, and takes over a stale one (its owner died without releasing it:
-  no heartbeat for LEASE_SECONDS). Two launches racing for a stale lease both write it, wait,
-  and read it back: only the one whose id is there goes on.
+  no heartbeat for LEASE_SECONDS) or one whose owner ran on this host and is gone. Two launches
+  racing for a stale lease both write it, wait, and read it back: only the one whose id is
+  there goes on.
   """
 
   def __init__(self, workdir: str, settle_seconds: float = 1.0):
@@ -147,7 +148,7 @@ class Lease:
     current = self._read()
     if current and current.get("owner") != self.owner:
       age = time.time() - float(current.get("heartbeat", 0))
-      if age < LEASE_SECONDS:
+      if age < LEASE_SECONDS and not _dead_here(current):
         raise WorkdirError(
             f"Workdir {self.path.parent} is in use by {_describe(current)}, whose lease was "
             f"renewed {age:.0f}s ago; wait for that run to finish (or stop it), or use "
@@ -187,6 +188,20 @@ class Lease:
         self.path.unlink()
       except OSError:
         pass
+
+
+def _dead_here(holder: dict) -> bool:
+  """Whether the lease's holder ran on this host and its process is gone (a restart after a
+  kill, on the same machine, need not wait for the lease to go stale)."""
+  if holder.get("host") != socket.gethostname():
+    return False
+  try:
+    os.kill(int(holder.get("pid", -1)), 0)
+  except ProcessLookupError:
+    return True
+  except (OSError, ValueError, TypeError):
+    return False
+  return False
 
 
 def lock(workdir: str):

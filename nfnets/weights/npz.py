@@ -62,9 +62,7 @@ DEFAULT_MAX_WEIGHTS_BYTES = 8 << 30
 # One array: the largest NFNet-F7+ leaf is 33.5 MB, a 21k-class head 0.36 GB; 2 GiB admits a
 # head of 4096 x 131072 float32.
 MAX_ARRAY_BYTES = 2 << 30
-# The largest evaluation resolution of any variant is NF-RegNet-B8's 672 px (NFNet-F7: 608).
-# The same bound as DataOptions' (nfnets/data/options.py).
-MAX_IMAGE_SIZE = 1024
+MAX_IMAGE_SIZE = files.MAX_IMAGE_SIZE
 
 
 def max_weights_bytes() -> int:

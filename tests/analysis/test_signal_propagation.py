@@ -13,7 +13,7 @@ import pytest
 
 from nfnets.models import registry as models
 from nfnets.analysis import signal_propagation as sp
-from nfnets.models.schedule import nf_block_schedule
+from nfnets.models.residual_scaling import nf_block_scalings
 from nfnets.models.variants import ResNetVariant
 
 ALPHA = 0.2
@@ -72,7 +72,7 @@ def test_predicted_betas_match_the_models_own_schedule():
     inputs = np.concatenate([[1.0], sp.predicted_nf_variance(depths, ALPHA)[:-1]])
     np.testing.assert_allclose(sp.predicted_betas(depths, ALPHA), 1 / np.sqrt(inputs),
                                rtol=1e-12)
-    schedule_betas = [plan.beta for plan in nf_block_schedule(depths, ALPHA, 0.0)]
+    schedule_betas = [plan.beta for plan in nf_block_scalings(depths, ALPHA, 0.0)]
     np.testing.assert_array_equal(sp.predicted_betas(depths, ALPHA), schedule_betas)
 
 

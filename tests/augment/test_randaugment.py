@@ -1,4 +1,5 @@
-"""nfnets/augment/randaugment.py (JAX) against the TensorFlow reference, op by op, on photographs.
+"""nfnets/augment/randaugment.py (JAX) against the TensorFlow oracle (tf_randaugment.py), op by
+op, on photographs.
 
 Tolerances: every pixel/colour op, cutout, shear and translate are bit-exact for every magnitude
 in 0..10 and 15 (both signs), and so is the warp given TF's own float32 coefficients. Rotate
@@ -12,10 +13,7 @@ Each op is jitted once per image shape with traced parameters, so one program se
 magnitude. TensorFlow is imported here only, as the reference.
 """
 
-import importlib.util
 import math
-import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -25,23 +23,9 @@ import tensorflow as tf
 from PIL import Image
 
 from nfnets.augment import randaugment as ra
-from photos import photo_path
+from tests.augment import tf_randaugment as T
+from tests.photos import photo_path
 
-
-def _load_reference():
-  """nfnets.data.randaugment; by file path if the package import is broken mid-refactor."""
-  try:
-    from nfnets.data import randaugment as reference  # pylint: disable=g-import-not-at-top
-    return reference
-  except Exception:  # pylint: disable=broad-except
-    path = pathlib.Path(__file__).resolve().parents[2] / "nfnets" / "data" / "randaugment.py"
-    spec = importlib.util.spec_from_file_location("_tf_randaugment_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-T = _load_reference()
 MAGNITUDES = list(range(11)) + [15]
 # Programs with a static magnitude, shared by the tests below (each compiles all 16 branches).
 _APPLY_OP = jax.jit(ra.apply_op, static_argnums=2)

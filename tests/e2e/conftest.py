@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-import e2e_helpers as rh  # pylint: disable=g-import-not-at-top
+from tests.e2e import e2e_helpers as rh  # pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-import e2e_helpers as rh  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.e2e import e2e_helpers as rh  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 pytestmark = pytest.mark.slow
 
@@ -48,15 +48,18 @@ def _run_two_processes(tmp_path_factory, workdirs, *extra: str, timeout: float, 
 
 
 def test_a_refusal_on_host_zero_stops_every_host(tmp_path_factory, tmp_path):
-  # Only host 0 reads the workdir. Before raise_together, host 0 exited with this error while
-  # host 1 waited in its next collective (the checkpoint broadcast) with nothing in its log.
-  workdirs = [tmp_path / "host0", tmp_path / "host1"]
-  (code0, out0), (code1, out1) = _run_two_processes(tmp_path_factory, workdirs, "--mode=eval",
+  # Only host 0 prepares and locks the workdir; here it is a file, so host 0 refuses. Host 1
+  # must stop with host 0's message, not wait in its next collective.
+  workdir = tmp_path / "a_file"
+  workdir.write_text("not a directory")
+  (code0, out0), (code1, out1) = _run_two_processes(tmp_path_factory, [workdir, workdir],
                                                     timeout=300)
-  assert code0 == 1 and "error: ValueError: Nothing to evaluate" in out0, out0[-3000:]
+  assert code0 == 1 and out0.strip().splitlines()[-1].startswith("error: WorkdirError: "), out0
   assert code1 == 1, out1[-3000:]
-  assert ("error: StoppedByHostZeroError: Host 0 stopped the run: ValueError: Nothing to "
-          "evaluate: no checkpoint in") in out1, out1[-3000:]
+  last = out1.strip().splitlines()[-1]
+  assert last.startswith("error: StoppedByOtherHostError: Process 0 stopped the run: "
+                         "WorkdirError: "), out1[-3000:]
+  assert workdir.read_text() == "not a directory"
 
 
 def test_two_processes_match_one_process_with_two_devices(tmp_path_factory, tmp_path, reference,

@@ -15,16 +15,14 @@ import sys
 import numpy as np
 import pytest
 
-import e2e_helpers as rh  # pylint: disable=g-import-not-at-top
+from tests.e2e import e2e_helpers as rh  # pylint: disable=g-import-not-at-top
 
 REPO = rh.REPO
-if REPO not in sys.path:  # experiment.py and configs/ live at the repo root, not in a package.
-  sys.path.insert(0, REPO)
 
-from configs import fake_data  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets import weights  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets.train.options import ExperimentOptions  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import fake_data  # pylint: disable=g-import-not-at-top
+from nfnets import weights  # pylint: disable=g-import-not-at-top
+from nfnets.train import loop  # pylint: disable=g-import-not-at-top
+from nfnets.train.options import ExperimentOptions  # pylint: disable=g-import-not-at-top
 
 
 def _options(**train):

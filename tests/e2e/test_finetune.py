@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-import e2e_helpers as rh  # pylint: disable=g-import-not-at-top
+from tests.e2e import e2e_helpers as rh  # pylint: disable=g-import-not-at-top
 
 pytestmark = pytest.mark.slow
 

@@ -17,17 +17,15 @@ import time
 import numpy as np
 import pytest
 
-import e2e_helpers as rh  # pylint: disable=g-import-not-at-top
+from tests.e2e import e2e_helpers as rh  # pylint: disable=g-import-not-at-top
 
 REPO = rh.REPO
-if REPO not in sys.path:  # experiment.py and configs/ live at the repo root.
-  sys.path.insert(0, REPO)
 
-from configs import fake_data  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets.train import checkpoints  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets.train.options import ExperimentOptions  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import fake_data  # pylint: disable=g-import-not-at-top
+from nfnets.train import checkpoints  # pylint: disable=g-import-not-at-top
+from nfnets.train import loop  # pylint: disable=g-import-not-at-top
+from nfnets.train import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+from nfnets.train.options import ExperimentOptions  # pylint: disable=g-import-not-at-top
 
 STEPS = rh.STEPS
 
@@ -362,4 +360,30 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_when_space_is_freed(e2e_env
     assert f"Resumed from step {newest}" in proc.stdout
     assert rh.latest_checkpoint(workdir) == STEPS
   finally:
-    subprocess.run(["umount", str(mount)], capture_output=True)
+    if subprocess.run(["umount", str(mount)], capture_output=True).returncode:
+      subprocess.run(["umount", "-l", str(mount)], capture_output=True)  # Still busy: detach.
+
+
+@pytest.mark.slow
+def test_reading_a_run_while_it_trains_changes_nothing(e2e_env, tmp_path):
+  # predict (and any reader) opens the checkpoints read-only: it never cleans up another
+  # process's in-flight save, takes no lock, and the training run finishes untouched.
+  from tests.photos import photo_path  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  cmd = rh.train_cmd(workdir, "--config.train.num_steps=24")
+  with open(tmp_path / "train.log", "w") as log:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=e2e_env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while rh.latest_checkpoint(workdir) < 2 and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.05)
+    reads = []
+    while proc.poll() is None and len(reads) < 3:
+      read = _run([sys.executable, "-m", "nfnets.predict", f"--weights={workdir}",
+                   photo_path("china")], e2e_env, timeout=300)
+      reads.append(read)
+    proc.wait(timeout=600)
+  output = (tmp_path / "train.log").read_text()
+  assert proc.returncode == 0, output[-3000:]
+  assert reads and all(r.returncode == 0 for r in reads), [r.stderr for r in reads]
+  assert "is unreadable" not in output
+  assert rh.latest_checkpoint(workdir) == 24 and rh.last_train_step(workdir) == 24

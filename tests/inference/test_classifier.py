@@ -11,9 +11,9 @@ import pickle
 import numpy as np
 import pytest
 
-from command_helpers import REPO, run
-from photos import photo
-from inference_helpers import TINY, random_params
+from tests.command_helpers import REPO, run
+from tests.photos import photo
+from tests.inference.inference_helpers import TINY, random_params
 from nfnets import weights
 from nfnets.inference import classifier, inputs, loading
 from nfnets.weights.npz import ModelSpec
@@ -106,7 +106,7 @@ def test_iter_image_files_walks_sorted_and_lazily(tmp_path):
 
 def test_image_extensions_are_the_training_folders():
   from nfnets.data import folder  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  assert inputs.IMAGE_EXTENSIONS == folder.IMAGE_EXTENSIONS
+  assert inputs.IMAGE_EXTENSIONS is folder.IMAGE_EXTENSIONS
 
 
 def test_loading_infers_or_is_told_the_model(files, tmp_path):

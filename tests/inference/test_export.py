@@ -13,9 +13,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from command_helpers import run
-from photos import photo
-from inference_helpers import TINY, random_params
+from tests.command_helpers import run
+from tests.photos import photo
+from tests.inference.inference_helpers import TINY, random_params
 from nfnets import weights
 from nfnets.inference import loading
 from nfnets.inference.classifier import Classifier

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from photos import PHOTOS, photo
-from inference_helpers import TINY, random_params
+from tests.photos import PHOTOS, photo
+from tests.inference.inference_helpers import TINY, random_params
 from nfnets.data.normalization import normalize
 from nfnets.inference.folding import fold_weight_standardization, is_ws_conv
 from nfnets.models import registry

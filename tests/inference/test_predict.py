@@ -14,9 +14,9 @@ import zlib
 import numpy as np
 import pytest
 
-from command_helpers import control_characters, environment, run
-from inference_helpers import TINY, random_params
-from photos import photo, photo_path
+from tests.command_helpers import control_characters, environment, run
+from tests.inference.inference_helpers import TINY, random_params
+from tests.photos import photo, photo_path
 from nfnets import weights
 from nfnets.weights.npz import ModelSpec
 

@@ -15,7 +15,7 @@ import io
 import numpy as np
 import pytest
 
-from photos import PHOTOS, photo, photo_path
+from tests.photos import PHOTOS, photo, photo_path
 from nfnets.inference import preprocess
 
 tf = pytest.importorskip("tensorflow")

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nfnets.models import blocks
 from nfnets.models import layers
 
 
@@ -193,9 +194,9 @@ def test_apply_blocks_records_metrics_and_stage_outputs():
     return block
 
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 3, 4)), jnp.float32)
-  blocks = [make_block(s) for s in (2.0, 3.0, 0.5)]
+  block_list = [make_block(s) for s in (2.0, 3.0, 0.5)]
   outputs = {}
-  out = layers.apply_blocks(blocks, x, False, outputs, return_metrics=True, stage_ends=(1, 2))
+  out = blocks.apply_blocks(block_list, x, False, outputs, return_metrics=True, stage_ends=(1, 2))
   np.testing.assert_allclose(out, x * 3.0, rtol=1e-6)
   assert calls == [False] * 3
   # Metric i + 1 is taken after block i; the input is metric 0.
@@ -207,7 +208,7 @@ def test_apply_blocks_records_metrics_and_stage_outputs():
   np.testing.assert_allclose(outputs['stage_1'], x * 3.0, rtol=1e-6)
 
   quiet = {}
-  layers.apply_blocks(blocks, x, True, quiet, return_metrics=False)
+  blocks.apply_blocks(block_list, x, True, quiet, return_metrics=False)
   assert quiet == {}
 
 

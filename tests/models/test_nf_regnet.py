@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import model_helpers as mh
+from tests.models import model_helpers as mh
 from nfnets.models.nf_regnet import NF_REGNET_VARIANTS, NF_RegNet, NFRegNetVariant
 
 # Widths 16..64 at multiplier 1: the first block (expansion 1) has 16 // 8 = 2 groups.

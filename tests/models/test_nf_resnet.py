@@ -5,15 +5,13 @@ backend optimisation, which is what dominates CPU compile time); full-size check
 `jax.eval_shape` traces.
 """
 
-
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import model_helpers as mh
-from nfnets.models import nf_resnet
+from tests.models import model_helpers as mh
 from nfnets.models.nf_resnet import NF_ResNet
 from nfnets.models.resnet import ResNet
 from nfnets.models.variants import RESNET_VARIANTS, ResNetVariant

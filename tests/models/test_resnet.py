@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import model_helpers as mh
+from tests.models import model_helpers as mh
 from nfnets.models import resnet
 from nfnets.models.resnet import ResNet
 from nfnets.models.variants import ResNetVariant

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 
 from configs import common
-from nfnets.models import layers
+from nfnets.models import blocks
 from nfnets.models import registry
 from nfnets.models.nf_regnet import NFRegNetVariant
 from nfnets.weights import npz
-from model_helpers import FAST_COMPILE
+from tests.models.model_helpers import FAST_COMPILE
 
 # Stage 1 has 3 blocks: a transition, then a run of two identical blocks that is scanned.
 # High stochastic-depth rates, so that the scanned blocks do drop branches.
@@ -161,8 +161,8 @@ def test_parameter_tree_is_the_per_block_one(name):
   assert jax.tree.map(lambda v: (v.shape, v.dtype), trees[0]) == jax.tree.map(
       lambda v: (v.shape, v.dtype), trees[1])
   # One entry per block, as the official checkpoints have them.
-  blocks = {m.split('/')[2] for m in trees[1][0] if '_block' in m}
-  assert len(blocks) == 6
+  block_names = {m.split('/')[2] for m in trees[1][0] if '_block' in m}
+  assert len(block_names) == 6
 
 
 def test_init_values_do_not_depend_on_scan_blocks():
@@ -214,7 +214,7 @@ def test_blocks_that_are_not_nf_blocks_are_never_scanned():
 
   def forward(x):
     outputs = {}
-    return layers.apply_blocks([make_block(s) for s in (2.0, 3.0, 0.5)], x, False, outputs,
+    return blocks.apply_blocks([make_block(s) for s in (2.0, 3.0, 0.5)], x, False, outputs,
                                return_metrics=True, scan_blocks=True), outputs
 
   out, outputs = hk.transform(forward).apply({}, None, jnp.ones((1, 2, 2, 1)))

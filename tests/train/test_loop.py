@@ -4,7 +4,6 @@ A tiny NFNet on synthetic data, 8 steps on 8 virtual devices, with a periodic ev
 checkpoints, interval logging and a profiler window. One compiled train step serves it all.
 """
 
-import dataclasses
 import json
 import os
 

@@ -60,6 +60,14 @@ def test_a_lease_refuses_a_second_run_and_is_taken_over_when_stale(tmp_path, mon
       second.owner
   second.__exit__(None, None, None)
   assert not (tmp_path / "run" / workdir_lib.LEASE_FILE).exists()
+  # A fresh lease whose holder ran on this host and is gone (killed): taken over at once.
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True).stdout.strip()
+  import socket  # pylint: disable=g-import-not-at-top
+  (tmp_path / "run" / workdir_lib.LEASE_FILE).write_text(json.dumps(
+      {"owner": "killed", "pid": int(dead), "host": socket.gethostname(), "heartbeat": time.time()}))
+  third = workdir_lib.Lease(wd, settle_seconds=0.05).__enter__()
+  third.__exit__(None, None, None)
 
 
 def test_bad_workdirs_are_one_line_errors(tmp_path):

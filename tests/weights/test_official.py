@@ -5,15 +5,11 @@ import pickle
 import subprocess
 
 import haiku as hk
-import jax
-import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
 from nfnets import weights
-from nfnets.models.nfnet import NFNet, NFNetVariant
-from weights_helpers import _TINY, _assert_trees_equal, _random_params, _shapes
+from tests.weights.weights_helpers import _TINY, _assert_trees_equal, _random_params, _shapes
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +167,7 @@ def test_deepminds_released_file_when_given():
   assert {m: {n: v.shape for n, v in leaves.items()} for m, leaves in params.items()} == {
       m: {n: v.shape for n, v in leaves.items()} for m, leaves in expected.items()}
   assert sum(v.size for leaves in params.values() for v in leaves.values()) == 71_489_284
-  from photos import photo  # pylint: disable=g-import-not-at-top
+  from tests.photos import photo  # pylint: disable=g-import-not-at-top
   from nfnets.inference import classifier, loading  # pylint: disable=g-import-not-at-top
   clf = classifier.Classifier(loading.load_model(path))
   logits = clf.logits([photo("grace_hopper")])

@@ -1,19 +1,10 @@
 """Tests for nfnets.weights.timm: the Haiku <-> timm dm_nfnet mapping (numpy only)."""
 
-import os
-import pickle
-import subprocess
-
-import haiku as hk
-import jax
-import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
 from nfnets import weights
-from nfnets.models.nfnet import NFNet, NFNetVariant
-from weights_helpers import _TINY, _assert_trees_equal, _random_params, _shapes
+from tests.weights.weights_helpers import _TINY, _assert_trees_equal, _random_params, _shapes
 
 
 @pytest.fixture(scope="module")

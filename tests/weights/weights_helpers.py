@@ -1,17 +1,10 @@
 """Parameter trees shared by the weights tests (not a test module)."""
 
-import os
-import pickle
-import subprocess
-
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
-import pytest
 
-from nfnets import weights
 from nfnets.models.nfnet import NFNet, NFNetVariant
 
 # Uneven depths so depth inference and the global block index are exercised.

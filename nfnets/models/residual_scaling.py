@@ -15,7 +15,7 @@ analytically (Brock, De & Smith, ICLR 2021, Sec. 4):
 * stochastic depth drops block k of N with probability stochdepth_rate * k / N (0 for the first
   block, growing linearly with depth, as the official code).
 
-`nf_block_schedule` is the only implementation: NFNet, NF-ResNet and NF-RegNet build their blocks
+`nf_block_scalings` is the only implementation: NFNet, NF-ResNet and NF-RegNet build their blocks
 from it, and `nfnets.analysis.signal_propagation` takes its predicted variances from it.
 """
 
@@ -24,7 +24,7 @@ from typing import Sequence
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockPlan:
+class BlockScaling:
   """What one residual block needs from the NF analysis.
 
   Attributes:
@@ -43,8 +43,8 @@ class BlockPlan:
   expected_var: float
 
 
-def nf_block_schedule(depths: Sequence[int], alpha: float,
-                      stochdepth_rate: float = 0.0) -> list[BlockPlan]:
+def nf_block_scalings(depths: Sequence[int], alpha: float,
+                      stochdepth_rate: float = 0.0) -> list[BlockScaling]:
   """Per-block beta, stochastic-depth rate and predicted output variance.
 
   Args:
@@ -53,7 +53,7 @@ def nf_block_schedule(depths: Sequence[int], alpha: float,
     stochdepth_rate: Block k of N drops its branch with probability stochdepth_rate * k / N.
 
   Returns:
-    One `BlockPlan` per block, in order.
+    One `BlockScaling` per block, in order.
   """
   depths = [int(d) for d in depths]
   if not depths or any(d < 1 for d in depths):
@@ -69,7 +69,7 @@ def nf_block_schedule(depths: Sequence[int], alpha: float,
       # to 1 there, and this block's own branch still adds alpha**2. (The arithmetic is the
       # official code's, so the betas equal the released models' to the last bit.)
       expected_std = ((1.0 if first else expected_std) ** 2 + alpha ** 2) ** 0.5
-      plans.append(BlockPlan(index=len(plans), stage=stage, first_in_stage=first, beta=beta,
+      plans.append(BlockScaling(index=len(plans), stage=stage, first_in_stage=first, beta=beta,
                              drop_rate=stochdepth_rate * len(plans) / num_blocks,
                              expected_var=expected_std ** 2))
   return plans

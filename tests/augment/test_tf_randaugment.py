@@ -1,11 +1,12 @@
-"""Tests for nfnets/data/randaugment.py against independent numpy / PIL formulas."""
+"""Tests of the TensorFlow RandAugment oracle (tf_randaugment.py) against independent numpy / PIL
+formulas."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from nfnets.data import randaugment as ra
+from tests.augment import tf_randaugment as ra
 
 SEED = tf.constant([7, 11], tf.int32)
 

@@ -1,4 +1,4 @@
-"""Tests for nfnets.models.schedule: the one NF residual bookkeeping, used by every family."""
+"""Tests for nfnets.models.residual_scaling: the one NF residual bookkeeping, used by every family."""
 
 import haiku as hk
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nfnets.models import nf_regnet, nf_resnet, nfnet
-from nfnets.models.schedule import nf_block_schedule
+from nfnets.models.residual_scaling import nf_block_scalings
 from nfnets.models.variants import ResNetVariant
 
 # The F0 betas of the reference facts (depths 1, 2, 6, 3; alpha 0.2), identical in timm.
@@ -16,7 +16,7 @@ F0_BETAS = [1.0, 0.980581, 0.980581, 0.96225, 0.980581, 0.96225, 0.944911, 0.928
 
 
 def test_f0_betas_ramp_and_variance_reset():
-  plans = nf_block_schedule((1, 2, 6, 3), alpha=0.2, stochdepth_rate=0.25)
+  plans = nf_block_scalings((1, 2, 6, 3), alpha=0.2, stochdepth_rate=0.25)
   np.testing.assert_allclose([p.beta for p in plans], F0_BETAS, atol=1e-6)
   # Block i of N drops with rate * i / N: 0 for the first block, no rescale to the full rate.
   np.testing.assert_allclose([p.drop_rate for p in plans], [0.25 * i / 12 for i in range(12)])
@@ -35,7 +35,7 @@ def test_f0_betas_ramp_and_variance_reset():
 def test_rejects_empty_or_non_positive_depths():
   for depths in [(), (2, 0), (-1,)]:
     with pytest.raises(ValueError, match='positive block counts'):
-      nf_block_schedule(depths, 0.2)
+      nf_block_scalings(depths, 0.2)
 
 
 def _blocks(module, **kwargs):
@@ -62,7 +62,7 @@ def _blocks(module, **kwargs):
 ])
 def test_every_family_builds_its_blocks_from_the_schedule(module, kwargs, depths):
   blocks = _blocks(module, num_classes=3, alpha=0.3, stochdepth_rate=0.4, **kwargs)
-  plans = nf_block_schedule(depths, 0.3, 0.4)
+  plans = nf_block_scalings(depths, 0.3, 0.4)
   assert [b.beta for b in blocks] == [p.beta for p in plans]
   rates = [b.stoch_depth.drop_rate if getattr(b, 'stoch_depth', None) else 0.0 for b in blocks]
   assert rates == [p.drop_rate for p in plans]

@@ -124,7 +124,7 @@ def test_faults_every_host_decides_together_and_the_restart_is_bit_identical(
   stopped = rh.latest_checkpoint(workdir)
   assert stopped < STEPS, outputs[0]
   assert f"Stopped by a signal on another host at step {stopped}" in outputs[0], outputs[0]
-  assert took < 60, took
+  assert took < 120, took
   outcomes.append(("SIGTERM to process 1", codes, round(took, 1), stopped))
 
   # (c) SIGKILL of process 1: the survivor exits within a bounded time, naming the lost

@@ -18,7 +18,10 @@ setuptools.setup(
     install_requires=[
         "jax>=0.6",
         "dm-haiku>=0.0.13",
-        "optax>=0.2.4",  # Brings chex and absl-py.
+        "optax>=0.2.4",
+        "chex>=0.1.86",  # Array-shape checks in the train step and augmentations (optax no
+                         # longer brings it).
+        "absl-py",  # The commands' flags.
         "numpy>=1.26",
         "ml_dtypes>=0.4",  # bfloat16 leaves in our npz weights
         "pillow>=10.0",  # Image decoding for predict (no TensorFlow needed).

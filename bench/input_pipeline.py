@@ -31,8 +31,6 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tests"))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -47,7 +45,7 @@ from nfnets.data import preprocessing  # pylint: disable=g-import-not-at-top,wro
 from nfnets.data import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.data.options import DataOptions  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets.models import registry  # pylint: disable=g-import-not-at-top,wrong-import-position
-from photos import PHOTOS, photo  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.photos import PHOTOS, photo  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -29,11 +29,10 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-sys.path.insert(0, os.path.join(REPO, "tests", "e2e"))
+sys.path.insert(0, REPO)  # The test helpers are the `tests` package at the repository root.
 
-import e2e_helpers as rh  # pylint: disable=g-import-not-at-top,wrong-import-position
-from photos import write_tiny_folder  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.e2e import e2e_helpers as rh  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.photos import write_tiny_folder  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 KEEP_ALL = "--config.checkpoint.keep=1000"  # Not part of the compiled program.
 

@@ -32,7 +32,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, REPO)  # The test helpers are the `tests` package at the repository root.
 
 TIMM_SCRIPT = """
 import sys
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--skip-timm", action="store_true", help="time ours only")
   args = parser.parse_args(argv)
 
-  from photos import photo_path  # pylint: disable=g-import-not-at-top
+  from tests.photos import photo_path  # pylint: disable=g-import-not-at-top
   image = photo_path("grace_hopper")
   work = tempfile.mkdtemp(prefix="nfnets_predict_latency_")
   weights_path = os.path.join(work, f"{args.variant}.npz")

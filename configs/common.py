@@ -8,7 +8,8 @@ run may want to override exists, with a value of the right type: a misspelt
 `--config.train.batchsize=8` or a mistyped `--config.train.batch_size=eight` fails at once.
 
 Sections (see their dataclasses for every key):
-  model       ModelOptions: name (a key of nfnets.models.MODELS), constructor kwargs, remat.
+  model       ModelOptions: name (a key of nfnets.models.MODELS), constructor kwargs, remat,
+              scan_blocks.
   optimizer   OptimizerOptions: the paper's SGD + AGC + cosine + EMA recipe.
   data        DataOptions: data set, splits, sizes, augmentation.
   train       TrainOptions: global batch, length, loss, precision, accumulation, logging.

@@ -93,13 +93,19 @@ def _file_digest(path: epath.Path) -> str:
 
 def checkpoint_files(step_dir: paths.PathLike) -> list[str]:
   """Every file of a committed checkpoint, relative to it, but the seal itself."""
-  root = paths.resolve(step_dir)
   out = []
-  for directory, _, names in root.walk():
-    for name in names:
-      rel = os.fspath(epath.Path(directory) / name)[len(os.fspath(root)) + 1:]
-      if rel != FILE_DIGESTS:
+
+  # Relative names are built while descending: a walk over gs:// yields its directories
+  # without the scheme, so cutting the root's prefix off them would give wrong names.
+  def visit(directory: epath.Path, prefix: str) -> None:
+    for path in directory.iterdir():
+      rel = prefix + path.name
+      if path.is_dir():
+        visit(path, rel + "/")
+      elif rel != FILE_DIGESTS:
         out.append(rel)
+
+  visit(paths.resolve(step_dir), "")
   return sorted(out)
 
 

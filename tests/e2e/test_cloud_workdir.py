@@ -133,7 +133,8 @@ def test_a_gs_workdir_trains_resumes_and_is_read(gcs, tmp_path, reference, tiny_
   fs.pipe(victim, bytes(data))
   proc = _run([sys.executable, "experiment.py", f"--workdir={workdir}", "--mode=eval"], env)
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert f"checkpoints/{rh.STEPS} is unreadable" in proc.stdout
+  assert f"checkpoints/{rh.STEPS} is unreadable" in proc.stdout, (
+      victim, fs.ls(f"{BUCKET}/run/checkpoints/{rh.STEPS}"), proc.stdout)
   assert f"FINAL step {rh.STEPS - 1}" in proc.stdout
 
 

@@ -78,7 +78,7 @@ def write_random_weights(variant: str, path: str) -> int:
 
 
 def _measure(argv: list[str], env: dict[str, str]) -> dict:
-  from command_helpers import run  # pylint: disable=g-import-not-at-top
+  from tests.command_helpers import run  # pylint: disable=g-import-not-at-top
   result = run(argv, env=env, timeout=1800)
   if result.returncode != 0:
     raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stderr[-3000:]}")

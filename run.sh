@@ -36,6 +36,7 @@ if [[ "$mode" == "test" ]]; then
   # Exit code 5 means "no test selected" (e.g. with -k): not a failure of the suite.
   # Two pytest-xdist workers by default (the CI machine has 2 cores; compiling is mostly
   # single-threaded, so two workers halve the wall time): NFNETS_TEST_WORKERS=0 runs serially.
+  # Each worker takes a whole module at a time, longest first (pytest.ini, tests/conftest.py).
   python -m pytest -n "${NFNETS_TEST_WORKERS:-2}" "$@" || [[ $? -eq 5 ]]
   if [[ "${NFNETS_SKIP_TIMM:-0}" != "1" ]]; then
     # A process of its own: torch's triton and TensorFlow crash when loaded together.

@@ -8,12 +8,11 @@ import os
 
 import pytest
 
+from tests.command_helpers import FAST_XLA_FLAGS  # pylint: disable=g-import-not-at-top
 from tests.photos import write_tiny_folder  # pylint: disable=g-import-not-at-top
+from tests.shared_dirs import build_once  # pylint: disable=g-import-not-at-top
 
-# LLVM optimisation level 0: the tests run tiny models, so the code they compile is cheap to
-# run but expensive to optimise (a lone jax.random.normal took ~30 s of CPU to compile at the
-# default level on the 2-core CI machine, 0.4 s at level 0; the suite's CPU time fell ~20 %).
-_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0")
+_FLAGS = ("--xla_force_host_platform_device_count=8",) + FAST_XLA_FLAGS
 for _flag in _FLAGS:
   if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
@@ -60,10 +59,31 @@ def pytest_ignore_collect(collection_path, config):
   return None if named else True
 
 
+# The longest modules first (the end-to-end ones are minutes of subprocesses each on the
+# 2-core CI machine). With `--dist=loadscope --no-loadscope-reorder` (pytest.ini) each xdist worker
+# takes the next module when it is nearly done with one, so the run ends soon after its last
+# long module only if those start first.
+_LONGEST_FIRST = ("test_reliability.py", "test_pod.py", "test_finetune.py",
+                  "test_cloud_workdir.py", "test_distributed.py", "test_experiment.py",
+                  "test_benchmark.py", "test_loop.py", "test_scan.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Runs the modules of _LONGEST_FIRST first, in that order, then the rest as collected."""
+  del config
+
+  def rank(item):
+    name = item.path.name
+    return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+  items.sort(key=rank)  # Stable: collection order within a module.
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
-  """A folder data set of 3 x (8 train + 4 test) crops of real photographs (tests/photos.py)."""
-  return write_tiny_folder(str(tmp_path_factory.getbasetemp() / "tiny_folder"))
+  """A folder data set of 3 x (8 train + 4 test) crops of real photographs (tests/photos.py),
+  one for all workers (the end-to-end reference runs read it by path)."""
+  return str(build_once(tmp_path_factory, "tiny_folder", lambda d: write_tiny_folder(str(d))))
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import numpy as np
 
 from nfnets import weights
 from nfnets.models import registry
+from tests.command_helpers import FAST_XLA_FLAGS
 from tests.photos import photo_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +56,7 @@ def test_predict_with_f0_needs_no_training_extras(tmp_path):
   runner = tmp_path / "run_blocked.py"
   runner.write_text(_RUNNER.format(blocked=BLOCKED))
   env = dict(os.environ, NFNETS_COMPILATION_CACHE=str(tmp_path / "cache"),
-             JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+             JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(FAST_XLA_FLAGS))
   proc = subprocess.run([sys.executable, str(runner), f"--weights={path}", "--top=3",
                          str(image)], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)

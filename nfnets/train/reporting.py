@@ -78,7 +78,8 @@ def route_library_logs(workdir: Optional[str], console_level: int = logging.CRIT
   if workdir is not None and paths.is_url(workdir):
     workdir = None  # No appendable file on object storage: library logs stay off the console.
   if workdir is not None and not any(getattr(h, "_nfnets", False) for h in root.handlers):
-    # delay: the file appears with its first record, so a run refused at start-up leaves none.
+    # delay: the file appears with its first record, so a run refused before any library
+    # logged leaves none.
     file_handler = _QuietFileHandler(os.path.join(workdir, LOG_FILE), delay=True)
     file_handler.setLevel(logging.INFO)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -12,6 +12,8 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.slow  # Compiles a train and an eval step (~1 min of CI).
+
 _PATH = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, 'bench', 'benchmark.py')
 _FIELDS = ('device', 'date', 'implementation', 'variant', 'mode', 'batch', 'image_size',
            'dtype', 'images_per_second', 'ms_per_step', 'mfu', 'peak_memory_gb',

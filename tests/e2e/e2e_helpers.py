@@ -18,6 +18,8 @@ from typing import Optional
 
 import numpy as np
 
+from tests.command_helpers import FAST_XLA_FLAGS
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 16
 # A tiny NFNet (fake_data's widths 16/32/64/64) at 16 px, 8 examples per device on 2
@@ -57,8 +59,8 @@ def shared_cache_dir(tmp_path_factory) -> str:
 def subprocess_env(tmp_path_factory, devices: int) -> dict:
   """Environment of a child experiment.py: `devices` CPU devices, the shared cache."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                      "--xla_backend_optimization_level=0")
+  env["XLA_FLAGS"] = " ".join((f"--xla_force_host_platform_device_count={devices}",)
+                              + FAST_XLA_FLAGS)
   env["NFNETS_COMPILATION_CACHE"] = shared_cache_dir(tmp_path_factory)
   env["CUDA_VISIBLE_DEVICES"] = ""
   env["JAX_PLATFORMS"] = "cpu"

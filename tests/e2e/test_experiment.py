@@ -122,6 +122,7 @@ def test_eval_only_from_official_format_weights_and_from_the_workdir(tmp_path, e
   assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.slow  # Reads the end-to-end reference run (built once: ~1 min).
 def test_coming_back_to_a_run_leaves_it_as_it_was(reference, e2e_env, tmp_path, tiny_folder):
   # --mode=eval of a finished run, from another directory: the result is printed and written
   # to eval/<split>_<step>.json; the run's metrics.jsonl, TensorBoard events, checkpoints and
@@ -187,6 +188,7 @@ def test_coming_back_to_a_run_leaves_it_as_it_was(reference, e2e_env, tmp_path, 
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.slow  # Reads the end-to-end reference run (built once: ~1 min).
 def test_reading_a_runs_weights_builds_no_optimizer(reference, e2e_env):
   # A partial restore: params and model state of the newest verified checkpoint, read by a
   # process that never imports the optimizer (so a change to the optimizer, or a run trained

@@ -28,8 +28,8 @@ def _run(args, env, cwd=rh.REPO, timeout=900):
 def test_fine_tune_the_grey_demo_on_colour_photos_and_predict(e2e_env, tmp_path, tiny_folder):
   demo, tuned = tmp_path / "demo", tmp_path / "tuned"
   _run(["experiment.py", "--config=configs/demo.py", f"--workdir={demo}", "--mode=train",
-        f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.num_steps=20",
-        "--config.train.batch_size=64", "--config.optimizer.warmup_epochs=0.1"], e2e_env)
+        f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.num_steps=4",
+        "--config.train.batch_size=32", "--config.optimizer.warmup_epochs=0"], e2e_env)
   proc = _run(["experiment.py", "--config=configs/finetune_folder.py", f"--workdir={tuned}",
                f"--config.data.folder={tiny_folder}", f"--config.init.weights={demo}",
                "--config.data.image_size=32", "--config.data.eval_image_size=32",
@@ -37,7 +37,7 @@ def test_fine_tune_the_grey_demo_on_colour_photos_and_predict(e2e_env, tmp_path,
                "--config.train.num_steps=24", "--config.train.log_every_steps=6",
                "--config.optimizer.lr=1.0", "--config.optimizer.warmup_epochs=0"], e2e_env)
   out = proc.stdout
-  assert (f"Initialised from {demo} (step 20, EMA weights) (input channels adapted to 3 in "
+  assert (f"Initialised from {demo} (step 4, EMA weights) (input channels adapted to 3 in "
           "NFNet/~/stem_conv0; classifier re-initialised for 3 classes).") in out, out
   assert "Data folder: 24 train / 12 eval examples, 3 classes" in out
   losses = [r["loss"] for r in rh.records(tuned, "train")]

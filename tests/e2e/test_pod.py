@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from tests.e2e import e2e_helpers as rh  # pylint: disable=g-import-not-at-top
+from tests.shared_dirs import build_once  # pylint: disable=g-import-not-at-top
 
 pytestmark = pytest.mark.slow
 
@@ -66,10 +67,13 @@ def _wait_for_step(job, step, timeout=600):
 
 @pytest.fixture(scope="module")
 def pod_reference(tmp_path_factory, tiny_folder):
-  workdir = tmp_path_factory.mktemp("pod") / "reference"
-  job = _launch(tmp_path_factory, workdir, tiny_folder)
-  codes = job.wait(timeout=900)
-  assert codes == [0] * PROCESSES, [job.output(i)[-3000:] for i in range(PROCESSES)]
+  """The uninterrupted P x 2 run, one for all workers: (workdir, final leaves, examples)."""
+  def train(directory):
+    job = _launch(tmp_path_factory, directory / "run", tiny_folder)
+    codes = job.wait(timeout=900)
+    assert codes == [0] * PROCESSES, [job.output(i)[-3000:] for i in range(PROCESSES)]
+
+  workdir = build_once(tmp_path_factory, f"pod_reference_{PROCESSES}", train) / "run"
   return workdir, rh.read_checkpoint(workdir, STEPS), rh.example_log(workdir)
 
 

@@ -106,7 +106,7 @@ def main(argv: list[str]) -> None:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
       from nfnets.train import distributed  # pylint: disable=g-import-not-at-top
       distributed.discard_recent_cache_entries()
-    _fail_now(_os_error_line(e))
+    _fail_now(os_error_line(e, _WORKDIR.value))
 
 
 def _fail_now(message: str) -> None:
@@ -120,11 +120,14 @@ def _fail_now(message: str) -> None:
     os._exit(e.code)  # pylint: disable=protected-access
 
 
-def _os_error_line(error: OSError) -> str:
+def os_error_line(error: OSError, workdir: str) -> str:
   """One line for a failed file operation, naming the cause (a full disk first)."""
   import errno  # pylint: disable=g-import-not-at-top
   where = error.filename or "no file name"
   if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    # A write deep in a library (a flushed log or metrics file) fails without a file name;
+    # everything a run writes goes under its workdir.
+    where = error.filename or workdir
     return (f"no space left on the device holding {where} ({error.strerror}); free space (or "
             "point --workdir elsewhere), then rerun: the last checkpoint is kept.")
   return (f"{type(error).__name__}: {error.strerror or error} ({where}); fix the path or its "

@@ -79,6 +79,19 @@ def test_nonfinite_error_names_step_and_quantity():
   assert str(error).startswith("Non-finite grad_norm at step 7; last good checkpoint: step 4.")
 
 
+def test_a_full_disk_without_a_file_name_names_the_workdir():
+  # A write that fails deep in a library (a flush of metrics.jsonl, TensorBoard, a log
+  # handler) raises OSError(ENOSPC) without a file name: the line names the workdir's device.
+  import errno  # pylint: disable=g-import-not-at-top
+  import experiment  # pylint: disable=g-import-not-at-top
+  line = experiment.os_error_line(OSError(errno.ENOSPC, "No space left on device"), "/data/run")
+  assert line.startswith("no space left on the device holding /data/run (No space left on "
+                         "device); free space"), line
+  line = experiment.os_error_line(OSError(errno.EACCES, "Permission denied", "/x/y"), "/data/run")
+  assert line == ("PermissionError: Permission denied (/x/y); fix the path or its permissions, then "
+                  "rerun: the last checkpoint is kept."), line
+
+
 # ---------------------------------------------------------------------------- end-to-end
 def _eval_records(workdir):
   folder = os.path.join(workdir, "eval")

@@ -176,6 +176,11 @@ def raise_together(error: Optional[Exception]) -> None:
     return
   text = f"{type(error).__name__}: {error}"[:_MESSAGE_CHARS] if error is not None else ""
   messages = _gather_messages(text)
+  if any(messages):
+    # Everyone has read every message before anyone leaves: a failing process 0 exits at
+    # once, taking the coordination service with it, and a peer still reading would be
+    # aborted by JAX (connection reset) before it could print the message.
+    barrier("read")
   if error is not None:
     raise error
   for index, received in enumerate(messages):

@@ -123,13 +123,13 @@ def _fail_now(message: str) -> None:
 def os_error_line(error: OSError, workdir: str) -> str:
   """One line for a failed file operation, naming the cause (a full disk first)."""
   import errno  # pylint: disable=g-import-not-at-top
-  where = error.filename or "no file name"
   if error.errno in (errno.ENOSPC, errno.EDQUOT):
     # A write deep in a library (a flushed log or metrics file) fails without a file name;
     # everything a run writes goes under its workdir.
-    where = error.filename or workdir
-    return (f"no space left on the device holding {where} ({error.strerror}); free space (or "
-            "point --workdir elsewhere), then rerun: the last checkpoint is kept.")
+    return (f"no space left on the device holding {error.filename or workdir} "
+            f"({error.strerror}); free space (or point --workdir elsewhere), then rerun: the "
+            "last checkpoint is kept.")
+  where = error.filename or "no file name"
   return (f"{type(error).__name__}: {error.strerror or error} ({where}); fix the path or its "
           "permissions, then rerun: the last checkpoint is kept.")
 

@@ -1,6 +1,6 @@
 r"""Training- and evaluation-step throughput of our NFNets, and of timm's dm_nfnet in the same run.
 
-Usage (the issue's reference setting on a GPU; numbers go to bench/results/<date>_<device>.json):
+Usage (F0 at its training setting on a GPU; numbers go to bench/results/<date>_<device>.json):
 
   python bench/benchmark.py --variant=F0 --batch=256 --image_size=192 --eval_image_size=256 \
       --dtype=bfloat16 --timm

@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # The prepared GPU check: one short run on a lent GPU machine, results as JSON under $OUT.
 #
-# Prepare here once (the GPU image lacks dm-haiku, jmp and ml-collections; pure-Python wheels):
+# Prepare once on a machine with package access, for a GPU host whose Python environment lacks
+# dm-haiku, jmp and ml-collections (pure-Python wheels, installed from .whl/ at start):
 #   mkdir -p .git/info && echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl \
 #       dm-haiku==0.0.17 jmp==0.0.4 ml-collections==1.1.0
-# Then, with the device tool: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# Then, on the GPU host, with .whl/ copied next to the checkout: bash bench/gpu_check.sh
 #
 # What it measures (in this order, each record written as soon as it exists, so a timeout
 # still returns what finished):
-#   1. bench/benchmark.py, the issue's reference setting: F0, batch 256, 192 px train /
+#   1. bench/benchmark.py at F0's training setting: batch 256, 192 px train /
 #      256 px eval, bfloat16, on-device MixUp/CutMix + RandAugment; timm's dm_nfnet_f0
 #      torch.compile'd at the same settings, in the same process;
 #   2. the train step at k = 4 with remat none / block (each program's own peak memory);
 #   3. --mode=plan of F0 on this GPU's compiler, to set against the CPU estimate in the README.
-# About 10 minutes in all: keep the device call's timeout_s at 600 and give the machine back.
+# About 10 minutes in all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check_out}"

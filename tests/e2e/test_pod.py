@@ -167,13 +167,13 @@ def test_faults_every_host_decides_together_and_the_restart_is_bit_identical(
   ended = []
   for index in survivors:
     output = job.output(index)
-    last = output.strip().splitlines()[-1]
     if JAX_FATAL in output:
       # Not in a collective when the peer died (e.g. at an exchange of the coordination
       # service): ended by that service after the heartbeat timeout (docs/scale.md).
       assert codes[index] == -signal.SIGABRT, (codes, output[-2000:])
       ended.append("by JAX after the heartbeat timeout")
       continue
+    last = output.strip().splitlines()[-1]
     assert last.startswith("error: lost contact with ") and "re-run the same command" in last, last
     if PROCESSES == 2:
       assert "lost contact with process 1 " in last, last

@@ -408,6 +408,7 @@ def bench_timm(args: argparse.Namespace, info: Dict[str, Any], ours: List[Dict[s
         'mfu': None if ours_record['mfu'] is None else ours_record['mfu'] * ours_record['ms_per_step'] / ms,
         'peak_memory_gb': peak, 'compile_seconds': first, 'compile_seconds_cached': None,
         'compiled_temp_gb': None, 'compiled_peak_gb': None,
+        'load_average': list(os.getloadavg()) if hasattr(os, 'getloadavg') else None,
     })
     for ours_only in ('accum_steps', 'remat', 'scan_blocks', 'augment'):
       record.pop(ours_only, None)

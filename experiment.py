@@ -98,7 +98,8 @@ def main(argv: list[str]) -> None:
     # (NFNETS_DEBUG=1 re-raises for the full traceback).
     if os.environ.get("NFNETS_DEBUG") == "1":
       raise
-    _fail_now(f"{type(e).__name__}: {e}")
+    _fail_now(f"{type(e).__name__}: {e}",
+              every_process_fails=isinstance(e, metrics.NonFiniteError))
   except OSError as e:  # A full disk, a vanished mount: say which file, keep what is saved.
     if os.environ.get("NFNETS_DEBUG") == "1":
       raise
@@ -109,14 +110,18 @@ def main(argv: list[str]) -> None:
     _fail_now(os_error_line(e, _WORKDIR.value))
 
 
-def _fail_now(message: str) -> None:
+def _fail_now(message: str, every_process_fails: bool = False) -> None:
   """The one-line error, then exit at once: the run's own cleanup is done, and orbax's
-  background threads, when a write failed, would print tracebacks while Python shuts down."""
+  background threads, when a write failed, would print tracebacks while Python shuts down.
+  When every process of a job fails here, they leave together (distributed.shutdown_after_failure)."""
   try:
     cli.fail(message)
   except SystemExit as e:
     sys.stdout.flush()
     sys.stderr.flush()
+    if "jax" in sys.modules:  # A config error fails before JAX (or any peer) is started.
+      from nfnets.train import distributed  # pylint: disable=g-import-not-at-top
+      distributed.shutdown_after_failure(every_process_fails)
     os._exit(e.code)  # pylint: disable=protected-access
 
 

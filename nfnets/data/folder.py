@@ -36,9 +36,9 @@ from typing import Optional
 
 import numpy as np
 from PIL import Image
-import tensorflow as tf
 
 from nfnets import files
+from nfnets.quiet_tensorflow import tf
 
 # The formats tf.io.decode_image understands (files.IMAGE_EXTENSIONS); others are ignored.
 IMAGE_EXTENSIONS = files.IMAGE_EXTENSIONS

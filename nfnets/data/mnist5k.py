@@ -22,7 +22,11 @@ from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image
-import tensorflow_datasets as tfds
+
+from nfnets import quiet_tensorflow
+
+quiet_tensorflow.load()  # Before TFDS, which imports TensorFlow.
+import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NAME = "mnist5k"
 NUM_CLASSES = 10

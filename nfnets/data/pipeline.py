@@ -30,11 +30,11 @@ import math
 from typing import Iterator, Optional
 
 import numpy as np
-import tensorflow as tf
 
 from nfnets.data import preprocessing
 from nfnets.data import sources
 from nfnets.data.options import DataOptions, DatasetInfo
+from nfnets.quiet_tensorflow import tf
 
 try:
   # The pipeline runs on the host CPU; TF must not grab GPU memory JAX needs.

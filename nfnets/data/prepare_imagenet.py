@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from nfnets import quiet_tensorflow
 from nfnets.data.sources import (IMAGENET_NAME, TRAIN_TAR, VAL_TAR, disable_downloads,
                                  missing_tars_message)
 
@@ -45,6 +46,7 @@ def prepare_imagenet(manual_dir: str, data_dir: str) -> "object":
   for tar in (TRAIN_TAR, VAL_TAR):
     if not os.path.isfile(os.path.join(manual_dir, tar)):
       raise ValueError(missing_tars_message(manual_dir, data_dir))
+  quiet_tensorflow.load()  # Before TFDS, which imports TensorFlow.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   disable_downloads()
   builder = tfds.builder(IMAGENET_NAME, data_dir=data_dir,

@@ -20,9 +20,8 @@ nfnets/inference/preprocess.py, with the same arithmetic; how the two differ
 
 from typing import Callable
 
-import tensorflow as tf
-
 from nfnets.data import normalization
+from nfnets.quiet_tensorflow import tf
 
 # Eval-style crops keep S/(S+32) of the shorter side (official `crop_padding`).
 CROP_PADDING = 32

@@ -23,6 +23,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import numpy as np
 
 from nfnets import files
+from nfnets import quiet_tensorflow
 from nfnets.data import folder as folder_lib
 from nfnets.data.options import DataOptions
 
@@ -102,6 +103,7 @@ class TfdsSource:
   label_key: str = "label"
 
   def __post_init__(self):
+    quiet_tensorflow.load()  # Before TFDS, which imports TensorFlow.
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     disable_downloads()
     try:

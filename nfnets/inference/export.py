@@ -65,7 +65,7 @@ def export_jax(loaded: LoadedModel, dtype: Any) -> bytes:
 
 def export_savedmodel(loaded: LoadedModel, directory: str) -> None:
   """A TensorFlow SavedModel (jax2tf) with a uint8 and a float32 signature."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from nfnets.quiet_tensorflow import tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   f, params = logits_fn(loaded)
   size, channels = eval_size(loaded), loaded.spec.channels

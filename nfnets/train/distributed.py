@@ -161,6 +161,10 @@ class CompiledTogether:
     return self.jitted.lower(*args)
 
 
+# Whether `raise_together` raised on every process (see `shutdown_after_failure`).
+_FAILED_TOGETHER = False
+
+
 def raise_together(error: Optional[Exception]) -> None:
   """Raises on every process when any process failed a check; returns when none did.
 
@@ -177,15 +181,34 @@ def raise_together(error: Optional[Exception]) -> None:
   text = f"{type(error).__name__}: {error}"[:_MESSAGE_CHARS] if error is not None else ""
   messages = _gather_messages(text)
   if any(messages):
-    # Everyone has read every message before anyone leaves: a failing process 0 exits at
-    # once, taking the coordination service with it, and a peer still reading would be
-    # aborted by JAX (connection reset) before it could print the message.
+    global _FAILED_TOGETHER
+    _FAILED_TOGETHER = True
+    # Everyone has read every message before anyone leaves (see `shutdown_after_failure`).
     barrier("read")
   if error is not None:
     raise error
   for index, received in enumerate(messages):
     if received:
       raise StoppedByOtherHostError(f"Process {index} stopped the run: {received}")
+
+
+def shutdown_after_failure(every_process_fails: bool = False) -> None:
+  """Before a process exits with an error: leaves the job with its peers when they all fail.
+
+  Process 0 holds JAX's coordination service. If it exits at once, a peer still finishing
+  (printing the same refusal, say) is aborted by JAX's client (LOG(FATAL), SIGABRT: "Failed to
+  send RPC to coordination service") instead of printing its own line. `jax.distributed.
+  shutdown()` waits in a barrier until every process has reached it, so the service outlives
+  them all. Only when every process is known to be failing at the same point (after
+  `raise_together` raised, or `every_process_fails`: e.g. a non-finite step, whose all-reduced
+  metrics every process reads alike): a lone failing process would wait for peers that never
+  come, up to JAX's shutdown timeout (300 s).
+  """
+  if jax.process_count() > 1 and (_FAILED_TOGETHER or every_process_fails):
+    try:
+      jax.distributed.shutdown()
+    except Exception:  # pylint: disable=broad-except  (leaving anyway; the line is printed)
+      pass
 
 
 def agree(ok: bool, reason: str = "") -> Optional[str]:

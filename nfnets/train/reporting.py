@@ -281,7 +281,7 @@ class Reporter:
       self._jsonl = open(self._metrics_path, "a", buffering=1)
     if tensorboard:
       try:
-        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        from nfnets.quiet_tensorflow import tf  # pylint: disable=g-import-not-at-top
         self._tf = tf
         self._tb = tf.summary.create_file_writer(os.fspath(paths.resolve(workdir) / "tb"))
         # tf.summary.scalar needs the separate `tensorboard` package; writing the tensor with

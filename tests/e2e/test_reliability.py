@@ -45,15 +45,15 @@ def _assert_quiet(output: str) -> None:
 @pytest.mark.slow
 def test_kills_signals_and_a_double_launch_leave_the_run_bit_identical(reference, e2e_env,
                                                                        tiny_folder, tmp_path):
-  """3 SIGKILLs (one mid-save) + SIGTERM + SIGINT, each restarted with the same command; and
-  a second launch on the same workdir while one runs, refused at once.
+  """2 SIGKILLs (one mid-save, one at a random moment) + SIGTERM + SIGINT, each restarted with
+  the same command; and a second launch on the same workdir while one runs, refused at once.
 
   Each interruption is a restart (~20 s of CI); bench/kill_resume.py runs longer chains.
   """
   seed = int(os.environ.get("NFNETS_KILL_SEED") or time.time())
   print(f"kill chain seed {seed} (replay with NFNETS_KILL_SEED={seed})")
   rng = random.Random(seed)
-  plan = [signal.SIGKILL, signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGKILL]
+  plan = [signal.SIGKILL, signal.SIGKILL, signal.SIGTERM, signal.SIGINT]
   workdir = tmp_path / "chain"
   cmd = rh.train_cmd(workdir, folder=tiny_folder)
   second = {}
@@ -117,12 +117,13 @@ def test_kills_signals_and_a_double_launch_leave_the_run_bit_identical(reference
 
 # ------------------------------------------------------------------------------ NaN handling
 @pytest.fixture(scope="module")
-def nan_cmd(tiny_folder):
+def nan_cmd():
   # A different compiled step (the poisoning is in the program): both NaN tests share it
-  # (the stop-or-skip decision is the loop's, not the program's).
+  # (the stop-or-skip decision is the loop's, not the program's). Synthetic data without
+  # augmentation: what happens after a non-finite step does not depend on the data, and this
+  # program compiles in a fraction of the random recipe's time.
   return lambda workdir, *extra: rh.train_cmd(workdir, "--config.train.debug_nan_step=4",
-                                              "--config.checkpoint.keep=3", *extra,
-                                              folder=tiny_folder)
+                                              "--config.checkpoint.keep=3", *extra)
 
 
 @pytest.mark.slow

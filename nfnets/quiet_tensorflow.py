@@ -8,8 +8,8 @@ go nowhere:
 
   from nfnets.quiet_tensorflow import tf
 
-or, before importing TFDS alone, `quiet_tensorflow.load()`. A failed import still raises as usual; only what the loading itself writes to the standard
-error stream is dropped.
+or, before importing TFDS alone, `quiet_tensorflow.load()`. A failed import still raises as
+usual; only what the loading itself writes to the standard error stream is dropped.
 """
 
 import contextlib

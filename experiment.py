@@ -113,7 +113,8 @@ def main(argv: list[str]) -> None:
 def _fail_now(message: str, every_process_fails: bool = False) -> None:
   """The one-line error, then exit at once: the run's own cleanup is done, and orbax's
   background threads, when a write failed, would print tracebacks while Python shuts down.
-  When every process of a job fails here, they leave together (distributed.shutdown_after_failure)."""
+  When every process of a job fails here, they leave together
+  (distributed.shutdown_after_failure)."""
   try:
     cli.fail(message)
   except SystemExit as e:

@@ -27,8 +27,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # level 0 (a lone jax.random.normal took ~30 s of CPU to compile at the default level on the
 # 2-core CI machine, 0.4 s at level 0; the suite's CPU time fell ~20 %), and XLA:CPU's classic
 # fusion code generator instead of its MLIR fusion emitters (`pytest -m "not slow"` on 2 cores,
-# 2026-12-04: 13 min 42 s of CPU with the emitters, 9 min 17 s without; the same tests pass).
-FAST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+# 2026-12-04: 13 min 42 s of CPU with the emitters, 9 min 17 s without; the same tests pass),
+# and its LLVM module compiled whole rather than split for parallel threads, which two busy
+# cores cannot use (the end-to-end tests' train step, compiled cold 4 times each way,
+# alternated, 2026-12-07: 16.7-18.9 s split, 11.8-15.7 s whole; loading it from the cache
+# took the same 1.4-2.0 s).
+FAST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
+                  "--xla_cpu_parallel_codegen_split_count=1")
 
 
 @dataclasses.dataclass

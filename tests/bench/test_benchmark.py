@@ -1,7 +1,7 @@
 """Smoke test of bench/benchmark.py: a tiny NFNet, a few steps, the record fields.
 
 The train step runs without its on-device augmentation (`--augment=none`): that code is the
-training loop's own (tests/augment, tests/train), and leaving it out halves this compile.
+training loop's own (tests/augment, tests/train), and leaving it out shortens this compile.
 
 Speed is never asserted here (CI machines vary); the benchmark's numbers live in
 bench/results/. What is checked: the script runs end to end on CPU, writes one JSON

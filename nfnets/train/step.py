@@ -392,7 +392,10 @@ def make_train_step(forward: hk.TransformedWithState,
         'param_norm': optax.tree.norm(new_params),
         'update_norm': optax.tree.norm(updates),
         'finite': finite,
-        'skipped': jnp.logical_not(finite) & train.skip_nonfinite,
+        # Not masked by `skip_nonfinite`: a non-finite step is counted only when the loop goes
+        # on past it, which is when skipping. So the option stays out of the program, and the
+        # stop and skip behaviours of the debug knob share one compiled step.
+        'skipped': jnp.logical_not(finite),
         **agc.agc_metrics(opt_state),
     }
     metrics = lax.pmean(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics), DATA_AXIS)

@@ -64,12 +64,12 @@ def _mesh(num_devices=8):
   return mesh_lib.make_mesh(jax.devices()[:num_devices])
 
 
-def _step(forward=None, optimizer=None, num_devices=8, per_example=None, **kwargs):
+def _step(forward=None, optimizer=None, num_devices=8, per_example=None, train=None, **kwargs):
   """A train step; the stateless forward runs per example unless told otherwise."""
   if per_example is None:
     per_example = forward is not None
   return step_lib.make_train_step(
-      forward or FORWARD, optimizer or OPTIMIZER, SCHEDULE, TRAIN, NUM_CLASSES,
+      forward or FORWARD, optimizer or OPTIMIZER, SCHEDULE, train or TRAIN, NUM_CLASSES,
       ema_decay=EMA_DECAY, mesh=_mesh(num_devices), per_example_keys=per_example, **kwargs)
 
 
@@ -370,3 +370,12 @@ def test_accumulation_steps_are_chosen_or_refused():
     step_lib.grad_accum_steps(TrainOptions(grad_accum_steps=3), 8)
   with pytest.raises(ValueError, match='not both'):
     TrainOptions(grad_accum_steps=2, device_batch_limit=8)
+
+
+def test_stopping_or_skipping_at_the_debug_nan_step_is_one_program(ts0):
+  # Whether a non-finite step stops the run or is skipped is the loop's decision, so trying
+  # both behaviours end to end compiles (and caches) the train step once.
+  texts = [_step(train=TrainOptions(label_smoothing=0.1, bfloat16=False, debug_nan_step=2,
+                                    skip_nonfinite=skip)).lower(_put(ts0), _on(_batch())).as_text()
+           for skip in (False, True)]
+  assert texts[0] == texts[1]

@@ -17,6 +17,10 @@ for _flag in _FLAGS:
   if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# JAX puts the path of a GPU autotuning cache inside the compilation cache into every program's
+# cache key (on CPU too), so a copied cache would miss everywhere; without it (CPU has nothing
+# to autotune), a test can seed a cache of its own with the suite's programs.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES", "none")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 # Non-partitionable threefry compiles its random-bit kernels 2-4x faster on XLA:CPU

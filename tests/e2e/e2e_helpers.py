@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -67,6 +68,21 @@ def subprocess_env(tmp_path_factory, devices: int) -> dict:
   env["PYTHONUNBUFFERED"] = "1"
   env["TF_CPP_MIN_LOG_LEVEL"] = "2"
   return env
+
+
+def seeded_cache_env(env: dict, cache) -> dict:
+  """`env` with a compilation cache of its own at `cache`, holding the suite's programs.
+
+  Only entries written over a second ago are copied: JAX writes an entry in place.
+  """
+  source = env["NFNETS_COMPILATION_CACHE"]
+  os.makedirs(cache, exist_ok=True)
+  os.chmod(cache, 0o777)  # Also for a command run as another user.
+  for name in os.listdir(source):
+    path = os.path.join(source, name)
+    if os.path.isfile(path) and time.time() - os.path.getmtime(path) > 1:
+      shutil.copy2(path, cache)
+  return dict(env, NFNETS_COMPILATION_CACHE=str(cache))
 
 
 def train_cmd(workdir, *extra: str, folder: Optional[str] = None) -> list[str]:

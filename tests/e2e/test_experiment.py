@@ -186,7 +186,7 @@ def test_coming_back_to_a_run_leaves_it_as_it_was(reference, e2e_env, tmp_path, 
                                   capture_output=True).returncode != 0:
       pytest.skip("the unprivileged user (uid 65534) cannot read this checkout (it is in a "
                   "private directory): the read-only copy cannot be tested")
-    env = dict(e2e_env, HOME=scratch, NFNETS_COMPILATION_CACHE=os.path.join(scratch, "cache"))
+    env = dict(rh.seeded_cache_env(e2e_env, os.path.join(scratch, "cache")), HOME=scratch)
     proc = subprocess.run(as_user + [
         sys.executable, os.path.join(REPO, "experiment.py"),
         f"--workdir={os.path.join(base, 'run')}", "--mode=eval",

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 
 from nfnets.augment import randaugment as ra
+from nfnets.quiet_tensorflow import tf
 from tests.augment import tf_randaugment as T
 from tests.photos import photo_path
 

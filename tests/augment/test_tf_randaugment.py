@@ -3,9 +3,9 @@ formulas."""
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image, ImageOps
 
+from nfnets.quiet_tensorflow import tf
 from tests.augment import tf_randaugment as ra
 
 SEED = tf.constant([7, 11], tf.int32)

@@ -27,7 +27,7 @@ Deliberate choices where the TF-TPU port is ambiguous or buggy (each documented 
 import math
 from typing import Callable
 
-import tensorflow as tf
+from nfnets.quiet_tensorflow import tf
 
 MAX_LEVEL = 10.0
 REPLACE_VALUE = 128          # grey used for pixels uncovered by warps and for cutout

@@ -103,7 +103,7 @@ def test_the_index_accepts_exactly_what_the_pipeline_decodes(tmp_path):
   assert not folder.is_readable_image(str(tmp_path / "one_bit.bmp"))
   assert folder.is_readable_image(str(tmp_path / "rgb.bmp"))
   # And what the index keeps, the training decode path reads.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from nfnets.quiet_tensorflow import tf  # pylint: disable=g-import-not-at-top
   from nfnets.data import preprocessing  # pylint: disable=g-import-not-at-top
   data = tf.constant((tmp_path / "rgb.bmp").read_bytes())
   out = preprocessing.preprocess_train(data, tf.constant([1, 2], tf.int64),

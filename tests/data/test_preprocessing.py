@@ -5,10 +5,10 @@ import io
 import numpy as np
 from PIL import Image
 import pytest
-import tensorflow as tf
 
 from nfnets.data import normalization
 from nfnets.data import preprocessing
+from nfnets.quiet_tensorflow import tf
 
 
 def _encode(array, fmt):

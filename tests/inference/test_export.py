@@ -85,7 +85,7 @@ def test_the_command_writes_every_format_and_each_gives_the_librarys_logits(tiny
     _close(np.load(out / f"logits_{dtype}_one.npy"), want[:1])
 
   # SavedModel: uint8 pixels by default, float pixels by name.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from nfnets.quiet_tensorflow import tf  # pylint: disable=g-import-not-at-top
   model = tf.saved_model.load(str(out / "saved_model"))
   uint8 = model.signatures["serving_default"](images=tf.constant(pixels))["logits"]
   floats = model.signatures["float_pixels"](images=tf.constant(pixels, tf.float32))["logits"]

@@ -17,10 +17,10 @@ def photo_path(name: str) -> str:
   """Path of 'grace_hopper' (matplotlib's sample data), 'china' or 'flower' (scikit-learn's)."""
   if name not in PHOTOS:
     raise ValueError(f"unknown photograph {name!r}; choose one of {PHOTOS}")
+  # Found without importing matplotlib or scikit-learn, which take seconds.
   if name == "grace_hopper":
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    return os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
-  # Found without importing scikit-learn, which takes seconds.
+    package_dir = importlib.util.find_spec("matplotlib").submodule_search_locations[0]
+    return os.path.join(package_dir, "mpl-data", "sample_data", "grace_hopper.jpg")
   package_dir = importlib.util.find_spec("sklearn").submodule_search_locations[0]
   return os.path.join(package_dir, "datasets", "images", f"{name}.jpg")
 

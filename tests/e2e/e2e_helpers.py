@@ -180,7 +180,8 @@ def step_seconds(workdir) -> float:
 
 def interrupt(cmd: list[str], env: dict, workdir, sig: int, rng: random.Random,
               during_save: bool = False, pace: float = 1.0,
-              timeout: float = 600, while_running=None, progress=None) -> Interrupted:
+              timeout: float = 600, while_running=None, progress=None,
+              poll_seconds: float = 0.02) -> Interrupted:
   """Starts a run and sends `sig` at a random moment after it has trained a new step.
 
   Args:
@@ -197,6 +198,7 @@ def interrupt(cmd: list[str], env: dict, workdir, sig: int, rng: random.Random,
       before the signal is sent (e.g. to start a second run on the same workdir).
     progress: optional callable() -> the last trained step (default: read metrics.jsonl of
       a local `workdir`).
+    poll_seconds: pause between progress checks (longer for a `progress` that is a request).
   """
   last_step = progress or (lambda: last_train_step(workdir))
   before = last_step()
@@ -224,7 +226,7 @@ def interrupt(cmd: list[str], env: dict, workdir, sig: int, rng: random.Random,
           if time.time() - progressed_at >= delay * pace:
             note = f"{delay:.2f} step-times after step {first_step} (now {now_step})"
             break
-        time.sleep(0.005 if during_save else 0.02)
+        time.sleep(0.005 if during_save else poll_seconds)
       finished = proc.poll() is not None
       if not finished:
         proc.send_signal(sig)

@@ -84,7 +84,7 @@ def test_a_gs_workdir_trains_resumes_and_is_read(gcs, tmp_path, reference, tiny_
   rng = random.Random(0)
   log = tmp_path / "run"
   result = rh.interrupt(cmd, env, str(log), signal.SIGKILL, rng, pace=reference[2],
-                        progress=lambda: _gs_last_step(fs, f"{BUCKET}/run"))
+                        progress=lambda: _gs_last_step(fs, f"{BUCKET}/run"), poll_seconds=0.2)
   assert result.returncode == -signal.SIGKILL or result.finished, result.output[-3000:]
   # Object storage has no rename: a step is finished once orbax's commit marker is written.
   committed = [int(p.rsplit("/", 1)[-1]) for p in fs.ls(f"{BUCKET}/run/checkpoints")

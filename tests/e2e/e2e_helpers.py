@@ -275,13 +275,19 @@ class Job:
       return f.read()
 
 
-def launch(cmd: list[str], tmp_path_factory, processes: int, devices: int, log_dir,
+def launch(cmd: list, tmp_path_factory, processes: int, devices: int, log_dir,
            env_extra: Optional[dict] = None) -> Job:
-  """Starts `cmd` as the processes of one jax.distributed job on this machine (gloo)."""
+  """Starts the processes of one jax.distributed job on this machine (gloo).
+
+  `cmd` is every process's command, or a list of one command per process (e.g. each with a
+  workdir of its own, to see which process writes).
+  """
+  cmds = cmd if isinstance(cmd[0], list) else [cmd] * processes
+  assert len(cmds) == processes, (len(cmds), processes)
   port = free_port()
   procs, logs = [], []
   os.makedirs(log_dir, exist_ok=True)
-  for index in range(processes):
+  for index, cmd in enumerate(cmds):
     env = subprocess_env(tmp_path_factory, devices)
     if processes > 1:
       env.update(NFNETS_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",

@@ -8,43 +8,20 @@ and masks. Host 0 alone writes.
 """
 
 import os
-import socket
-import subprocess
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pytest
 
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from tests.e2e import e2e_helpers as rh  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.e2e import e2e_helpers as rh  # pylint: disable=g-import-not-at-top
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _run_two_processes(tmp_path_factory, workdirs, *extra: str, timeout: float, folder=None):
   """Runs experiment.py as process 0 and 1 of one jax.distributed job; [(exit code, output)]."""
-  port = _free_port()
-  procs = []
-  for pid, workdir in enumerate(workdirs):
-    env = rh.subprocess_env(tmp_path_factory, devices=1)
-    env.update(NFNETS_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               NFNETS_NUM_PROCESSES="2", NFNETS_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen(rh.train_cmd(workdir, *extra, folder=folder), cwd=REPO, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=timeout)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  return [(p.returncode, out) for p, out in zip(procs, outs)]
+  job = rh.launch([rh.train_cmd(workdir, *extra, folder=folder) for workdir in workdirs],
+                  tmp_path_factory, processes=2, devices=1,
+                  log_dir=tmp_path_factory.mktemp("two_processes"))
+  return [(code, job.output(index)) for index, code in enumerate(job.wait(timeout))]
 
 
 def test_a_refusal_on_host_zero_stops_every_host(tmp_path_factory, tmp_path):

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
@@ -275,8 +275,8 @@ class Job:
       return f.read()
 
 
-def launch(cmd: list, tmp_path_factory, processes: int, devices: int, log_dir,
-           env_extra: Optional[dict] = None) -> Job:
+def launch(cmd: Union[list[str], list[list[str]]], tmp_path_factory, processes: int,
+           devices: int, log_dir, env_extra: Optional[dict] = None) -> Job:
   """Starts the processes of one jax.distributed job on this machine (gloo).
 
   `cmd` is every process's command, or a list of one command per process (e.g. each with a
@@ -287,7 +287,7 @@ def launch(cmd: list, tmp_path_factory, processes: int, devices: int, log_dir,
   port = free_port()
   procs, logs = [], []
   os.makedirs(log_dir, exist_ok=True)
-  for index, cmd in enumerate(cmds):
+  for index, argv in enumerate(cmds):
     env = subprocess_env(tmp_path_factory, devices)
     if processes > 1:
       env.update(NFNETS_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
@@ -295,7 +295,7 @@ def launch(cmd: list, tmp_path_factory, processes: int, devices: int, log_dir,
     env.update(env_extra or {})
     path = os.path.join(log_dir, f"process_{index}.log")
     with open(path, "w") as log:
-      procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
+      procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=log,
                                     stderr=subprocess.STDOUT))
     logs.append(path)
   return Job(procs, logs, time.time())

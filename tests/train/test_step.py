@@ -7,6 +7,8 @@ The stateful TinyNet (a BatchNorm-like running mean) runs per device batch; the 
 (with dropout) per example, keyed by each example's place in the global batch.
 """
 
+import dataclasses
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -375,7 +377,7 @@ def test_accumulation_steps_are_chosen_or_refused():
 def test_stopping_or_skipping_at_the_debug_nan_step_is_one_program(ts0):
   # Whether a non-finite step stops the run or is skipped is the loop's decision, so trying
   # both behaviours end to end compiles (and caches) the train step once.
-  texts = [_step(train=TrainOptions(label_smoothing=0.1, bfloat16=False, debug_nan_step=2,
-                                    skip_nonfinite=skip)).lower(_put(ts0), _on(_batch())).as_text()
-           for skip in (False, True)]
+  ts, batch = _put(ts0), _on(_batch())
+  texts = [_step(train=dataclasses.replace(TRAIN, debug_nan_step=2, skip_nonfinite=skip))
+           .lower(ts, batch).as_text() for skip in (False, True)]
   assert texts[0] == texts[1]

@@ -96,20 +96,25 @@ def init_train_state(forward: hk.TransformedWithState,
     shape = (1,) + shape
   if len(shape) != 4:
     raise ValueError(f'image_shape must be (H, W, C) or (B, H, W, C), got {image_shape}.')
-  init_rng, base_rng = jax.random.split(raw_key(rng))
-  # jit so big models are initialised by one compiled program, not op by op.
-  images = jnp.zeros(shape, jnp.float32)
-  lowered = jax.jit(lambda r, x: forward.init(r, x, is_training=True)).lower(init_rng, images)
+
+  def build(key: jax.Array, images: jax.Array) -> TrainState:
+    init_rng, base_rng = jax.random.split(key)
+    params, state = forward.init(init_rng, images, is_training=True)
+    params, state = cast_floats(params, jnp.float32), cast_floats(state, jnp.float32)
+    # The EMA copies start as the weights. Outputs of one program never share a buffer (XLA
+    # copies a value returned twice), which the train step needs: it donates the whole state.
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, state=state,
+                      opt_state=optimizer.init(params), ema_params=params, ema_state=state,
+                      rng=base_rng)
+
+  # One compiled program for the whole state: op-by-op, every distinct parameter shape would
+  # be a program of its own (an EMA copy, a cast), each traced, compiled or loaded at start-up.
+  key, images = raw_key(rng), np.zeros(shape, np.float32)
+  lowered = jax.jit(build).lower(key, images)
   # Init runs once and takes milliseconds, but its program holds one random-number kernel per
   # parameter, which XLA:CPU's LLVM backend spends a long time optimising (demo NFNet: 23 s at
   # the default level, 10 s at level 0, on the 2-core CI machine).
-  params, state = lowered.compile(compiler_options=fast_compile_options())(init_rng, images)
-  params, state = cast_floats(params, jnp.float32), cast_floats(state, jnp.float32)
-  opt_state = jax.jit(optimizer.init)(params)
-  # Separate buffers for the EMA copies: the train step donates the whole state.
-  ts = TrainState(step=jnp.zeros([], jnp.int32), params=params, state=state,
-                  opt_state=opt_state, ema_params=jax.tree.map(jnp.copy, params),
-                  ema_state=jax.tree.map(jnp.copy, state), rng=base_rng)
+  ts = lowered.compile(compiler_options=fast_compile_options())(key, images)
   # Every process computed the same values from the same seed: each places its own copies.
   return mesh_lib.replicate(jax.device_get(ts), mesh) if mesh is not None else ts
 

@@ -38,6 +38,25 @@ def test_init_on_a_mesh_is_replicated_without_a_device_axis():
   assert int(state_lib.applied_updates(plain, default=jnp.int32(7))) == 7
 
 
+def test_init_is_one_program_and_no_two_leaves_share_a_buffer(caplog):
+  # Shapes no other test compiles: a program taken from this process's caches would log nothing.
+  def f(images, is_training):
+    del is_training
+    return {'logits': hk.Linear(13, name='linear')(images.reshape(len(images), -1))}
+
+  optimizer = optax.sgd(optax.linear_schedule(0.1, 0.0, 10), momentum=0.9)
+  with caplog.at_level('WARNING'), jax.log_compiles(True):
+    ts = state_lib.init_train_state(hk.transform_with_state(f), optimizer, jax.random.key(5),
+                                    (3, 1, 1))
+  compiled = [r.getMessage().split(' ')[1] for r in caplog.records
+              if r.getMessage().startswith('Compiling ')]
+  assert len(compiled) == 1, compiled
+  # The train step donates the whole state: every leaf must own its buffer (the EMA copies too).
+  leaves = jax.tree.leaves(ts)
+  assert len({x.unsafe_buffer_pointer() for x in leaves}) == len(leaves)
+  jax.tree.map(np.testing.assert_array_equal, ts.ema_params, ts.params)
+
+
 def test_first_nonfinite_names_the_path():
   tree = {'params': {'x': np.array([np.nan])},
           'grads': {'TinyNet/~/conv': {'w': np.ones(3), 'b': np.array([0.0, np.inf])}},

@@ -23,7 +23,9 @@ setuptools.setup(
                          # longer brings it).
         "absl-py",  # The commands' flags.
         "numpy>=1.26",
-        "ml_dtypes>=0.4",  # bfloat16 leaves in our npz weights
+        # bfloat16 leaves in our npz weights. Not 0.7.0: its import (through JAX, in every
+        # command) is ten times slower than 0.6.0's (bench/README.md, `import_time.py`).
+        "ml_dtypes>=0.4,!=0.7.0",
         "pillow>=10.0",  # Image decoding for predict (no TensorFlow needed).
         "ml-collections>=0.1.1",  # Config files (--config of predict/export/experiment.py).
         "etils[epath]>=1.5",  # The path layer: local and gs:// workdirs.

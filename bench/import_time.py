@@ -1,6 +1,6 @@
 """Seconds to import a module in a fresh interpreter: what every command pays before it starts.
 
-  python bench/import_time.py --modules=ml_dtypes,jax --python=.venv/bin/python,/tmp/other/bin/python
+  python bench/import_time.py --modules=ml_dtypes,jax --python=VENV_A/bin/python,VENV_B/bin/python
 
 Each interpreter (e.g. venvs that differ in one package) imports each module in a new process,
 the interpreters alternated, `--repeats` times; the best time per pair is kept (Python's

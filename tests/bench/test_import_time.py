@@ -2,18 +2,15 @@
 
 import importlib.metadata
 import json
-import os
-import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.command_helpers import run
 
 
 def test_records_each_modules_import_time_and_the_versions(tmp_path):
   out = tmp_path / "import_time.json"
-  proc = subprocess.run([sys.executable, "bench/import_time.py", "--modules=json,ml_dtypes",
-                         "--repeats=1", f"--out={out}"], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
+  proc = run(["bench/import_time.py", "--modules=json,ml_dtypes", "--repeats=1",
+              f"--out={out}"], timeout=120)
   assert proc.returncode == 0, proc.stderr
   record = json.loads(out.read_text())
   assert json.loads(proc.stdout) == record

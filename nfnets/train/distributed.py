@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 import threading
 import time
@@ -267,6 +268,21 @@ def exit_lost_process(error: BaseException) -> None:
   os._exit(LOST_PROCESS_EXIT)  # pylint: disable=protected-access
 
 
+# The status code that starts the message of an error of XLA's runtime ("UNKNOWN: Gloo
+# AllGather failed: ... Connection reset by peer").
+_RUNTIME_STATUS = re.compile(r"(UNKNOWN|UNAVAILABLE|INTERNAL|ABORTED|CANCELLED|"
+                             r"DEADLINE_EXCEEDED): ")
+
+# What a failed collective can raise: JaxRuntimeError from a program of ours; a ValueError
+# carrying the runtime's status from the small program with which JAX syncs processes
+# (multihost_utils.sync_global_devices, which orbax calls when a checkpoint save starts).
+COLLECTIVE_ERRORS = (jax.errors.JaxRuntimeError, ValueError)
+
+
 def is_collective_failure(error: BaseException) -> bool:
   """Whether `error` is a runtime failure of a multi-process job (a peer lost, most likely)."""
-  return jax.process_count() > 1 and isinstance(error, jax.errors.JaxRuntimeError)
+  if jax.process_count() == 1:
+    return False
+  if isinstance(error, jax.errors.JaxRuntimeError):
+    return True
+  return isinstance(error, ValueError) and bool(_RUNTIME_STATUS.match(str(error)))

@@ -186,7 +186,7 @@ def run_steps(train_step: step_lib.TrainStep, ts: Any,
       step += 1
       if not after_step(step, ts, metrics):
         return ts, step, True
-  except jax.errors.JaxRuntimeError as e:
+  except distributed.COLLECTIVE_ERRORS as e:
     if distributed.is_collective_failure(e):
       distributed.exit_lost_process(e)  # Does not return: no cleanup waits for the lost peer.
     raise
@@ -301,7 +301,7 @@ def run(options: ExperimentOptions, workdir: Optional[str], mode: str = "train_a
     if mode == "eval":
       return evaluation.evaluate_run(options, workdir, mesh)
     return train(options, workdir, mode, mesh)
-  except jax.errors.JaxRuntimeError as e:
+  except distributed.COLLECTIVE_ERRORS as e:
     if distributed.is_collective_failure(e):
       distributed.exit_lost_process(e)
     raise

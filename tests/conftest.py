@@ -68,7 +68,7 @@ def pytest_ignore_collect(collection_path, config):
 # takes the next module when it is nearly done with one, so the run ends soon after its last
 # long module only if those start first.
 _LONGEST_FIRST = ("test_reliability.py", "test_pod.py", "test_finetune.py",
-                  "test_cloud_workdir.py", "test_distributed.py", "test_experiment.py",
+                  "test_cloud_workdir.py", "test_experiment.py",
                   "test_benchmark.py", "test_loop.py", "test_scan.py")
 
 

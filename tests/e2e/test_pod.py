@@ -1,17 +1,19 @@
-"""A pod on one machine: P processes x 2 CPU devices joined by jax.distributed (gloo).
+"""A pod on one machine: P processes joined by jax.distributed (gloo), P x 2 or P x 1 devices.
 
-Every run here is the same recipe with every source of randomness on (real photographs through
-the tf.data pipeline with crops and flips, MixUp + CutMix, RandAugment, dropout, stochastic
-depth), in float32 so that another topology can be compared to a stated tolerance. One
-uninterrupted P x 2 run is the reference of both kinds of test:
+Every training run here has every source of randomness on (real photographs through the
+tf.data pipeline with crops and flips, MixUp + CutMix, RandAugment, dropout, stochastic depth).
 
-  * topology: the run checkpointed by P x 2 at step 3 resumes as 1 process x 8 devices with
-    k = 2 micro-batches, sees exactly the same examples at every step, and ends within float32
-    reduction-order tolerance of the reference;
-  * faults: a signal on the last host only, signals on all hosts at different moments (P > 2),
-    a killed process and a non-finite step on one host's data; every host takes the same
-    decision at the same step, exits in bounded time, and the restarted run ends bit-identical
-    to the reference.
+  * topology: an uninterrupted P x 2 run in float32 (so that another topology can be compared
+    to a stated tolerance) is checkpointed at step 3 and resumed as 1 process x 8 devices with
+    k = 2 micro-batches; it sees exactly the same examples at every step and ends within
+    float32 reduction-order tolerance of the uninterrupted run;
+  * faults: a signal on the last host only, signals on all hosts at different moments (P > 2)
+    and a killed process, on P x 1 devices with the end-to-end recipe of tests/e2e
+    (bfloat16); every host takes the same decision at the same step, exits in bounded time,
+    host 1 writes nothing, and the restarted run ends bit-identical to the uninterrupted
+    1 process x 2 devices run of tests/e2e/conftest.py (with P = 2 the gradient mean over two
+    devices is one addition of two numbers, whichever process does it);
+  * a non-finite step on one host's data (P x 2) and a refusal on host 0 stop every host.
 
 P is 2 in CI (NFNETS_TEST_POD_PROCESSES=4 runs the same tests on 4 processes): two processes
 are the smallest pod in which one host can leave another waiting, and the decisions are
@@ -19,6 +21,7 @@ exchanged by all processes alike, so more hosts add cost rather than cases.
 """
 
 import os
+import re
 import shutil
 import signal
 import time
@@ -31,8 +34,9 @@ from tests.shared_dirs import build_once  # pylint: disable=g-import-not-at-top
 
 pytestmark = pytest.mark.slow
 
-STEPS = 8
 PROCESSES = int(os.environ.get("NFNETS_TEST_POD_PROCESSES", "2"))
+# The float32 runs of the topology test (and of the non-finite one): P x DEVICES devices.
+POD_STEPS = 8
 DEVICES = 2
 LAST = PROCESSES - 1
 # Seconds after which JAX's coordination service declares a silent process dead.
@@ -42,8 +46,8 @@ JAX_FATAL = "Terminating process because the JAX distributed service detected fa
 
 
 def _cmd(workdir, folder, *extra):
-  return rh.train_cmd(workdir, f"--config.train.num_steps={STEPS}", "--config.train.bfloat16=False",
-                      "--config.data.mix_group_size=2", "--config.eval.batch_size=16",
+  return rh.train_cmd(workdir, f"--config.train.num_steps={POD_STEPS}",
+                      "--config.train.bfloat16=False", "--config.data.mix_group_size=2", "--config.eval.batch_size=16",
                       "--config.checkpoint.keep=100", "--config.train.record_examples=True",
                       *extra, folder=folder)
 
@@ -55,11 +59,23 @@ def _launch(tmp_path_factory, workdir, folder, processes=PROCESSES, devices=DEVI
                    env_extra={"NFNETS_HEARTBEAT_TIMEOUT": str(HEARTBEAT)})
 
 
+def _faults_launch(tmp_path_factory, workdirs, folder, tag):
+  """The faults' P x 1 job: process i runs tests/e2e's command (`rh.train_cmd`) on workdirs[i].
+
+  A checkpoint every 4 steps instead of every step (not part of the compiled program): a
+  multi-process save waits for every process, and a stop saves at its step anyway.
+  """
+  return rh.launch([rh.train_cmd(w, "--config.checkpoint.every_steps=4", folder=folder)
+                    for w in workdirs], tmp_path_factory, PROCESSES, 1,
+                   log_dir=f"{workdirs[0]}.{tag}.logs",
+                   env_extra={"NFNETS_HEARTBEAT_TIMEOUT": str(HEARTBEAT)})
+
+
 def _wait_for_step(job, step, timeout=600):
   """Until process 0 prints the line of `step` (metrics.jsonl is written in batches)."""
   deadline = time.time() + timeout
   while time.time() < deadline:
-    if f"step {step}/{STEPS} " in job.output(0):
+    if re.search(rf"^step +{step}/{rh.STEPS} ", job.output(0), re.MULTILINE):
       return
     assert all(p.poll() is None for p in job.procs), [job.output(i)[-2000:]
                                                       for i in range(PROCESSES)]
@@ -69,14 +85,15 @@ def _wait_for_step(job, step, timeout=600):
 
 @pytest.fixture(scope="module")
 def pod_reference(tmp_path_factory, tiny_folder):
-  """The uninterrupted P x 2 run, one for all workers: (workdir, final leaves, examples)."""
+  """The uninterrupted P x 2 float32 run, one for all workers: (workdir, final leaves,
+  examples)."""
   def train(directory):
     job = _launch(tmp_path_factory, directory / "run", tiny_folder)
     codes = job.wait(timeout=900)
     assert codes == [0] * PROCESSES, [job.output(i)[-3000:] for i in range(PROCESSES)]
 
   workdir = build_once(tmp_path_factory, f"pod_reference_{PROCESSES}", train) / "run"
-  return workdir, rh.read_checkpoint(workdir, STEPS), rh.example_log(workdir)
+  return workdir, rh.read_checkpoint(workdir, POD_STEPS), rh.example_log(workdir)
 
 
 def _resume_copy(reference, target, step):
@@ -100,29 +117,51 @@ def test_a_run_resumes_on_another_topology(pod_reference, tmp_path_factory, tiny
   assert "Resumed from step 3" in job.output(0)
   # The same examples, in the same order, at every step after the resume.
   got = rh.example_log(workdir)
-  for step in range(4, STEPS + 1):
+  for step in range(4, POD_STEPS + 1):
     assert got[step] == examples[step], step
-  resumed = rh.read_checkpoint(workdir, STEPS)
+  resumed = rh.read_checkpoint(workdir, POD_STEPS)
   assert sorted(resumed) == sorted(final)
   for path in ("step", "rng"):
     np.testing.assert_array_equal(resumed[path], final[path])
   worst = max(float(np.max(np.abs(resumed[p] - final[p]) / (np.abs(final[p]) + 1e-3)))
               for p in final if resumed[p].dtype.kind == "f")
   # float32 gradients summed in another order (8 partial sums of 2 micro-batches instead of
-  # 2 x P), then amplified over 5 steps: 5.1e-3 measured from 2 x 2 (2026-12-03). The same run with masks drawn per device instead of per example
-  # differs by 3.6 after one step.
+  # 2 x P), then amplified over 5 steps: 5.1e-3 measured from 2 x 2 (2026-12-03). The same
+  # run with masks drawn per device instead of per example differs by 3.6 after one step.
   print(f"largest relative difference after the resume ({processes} x {devices}): {worst:.2e}")
   assert worst < 2e-2, worst
 
 
+@pytest.fixture(scope="module")
+def faults_reference(request, tmp_path_factory, tiny_folder):
+  """Final leaves of the uninterrupted run that the faults test must end bit-identical to.
+
+  With P = 2: the 1 process x 2 devices reference of tests/e2e/conftest.py (P x 1 devices sum
+  the same two gradients). Otherwise an uninterrupted P x 1 run, built here.
+  """
+  if PROCESSES == 2:
+    return request.getfixturevalue("reference")[1]
+
+  def train(directory):
+    job = _faults_launch(tmp_path_factory, [directory / "run"] * PROCESSES, tiny_folder, "run")
+    codes = job.wait(timeout=900)
+    assert codes == [0] * PROCESSES, [job.output(i)[-3000:] for i in range(PROCESSES)]
+
+  workdir = build_once(tmp_path_factory, f"faults_reference_{PROCESSES}", train) / "run"
+  return rh.read_checkpoint(workdir, rh.STEPS)
+
+
 def test_faults_every_host_decides_together_and_the_restart_is_bit_identical(
-    pod_reference, tmp_path_factory, tiny_folder, tmp_path):
-  _, final, _ = pod_reference
+    faults_reference, tmp_path_factory, tiny_folder, tmp_path):
   workdir = tmp_path / "faults"
+  shared = [workdir] * PROCESSES
   outcomes = []
 
   # (a) SIGTERM to the last process only: every process stops after the same step, exits 0.
-  job = _launch(tmp_path_factory, workdir, tiny_folder, tag="a")
+  # Here the other processes are given workdirs of their own (the hosts of a pod share one):
+  # only host 0 writes, also the checkpoint of the stop, so theirs are never created.
+  others = [tmp_path / f"host{index}" for index in range(1, PROCESSES)]
+  job = _faults_launch(tmp_path_factory, [workdir, *others], tiny_folder, "a")
   _wait_for_step(job, 1)
   job.procs[LAST].send_signal(signal.SIGTERM)
   sent = time.time()
@@ -131,14 +170,16 @@ def test_faults_every_host_decides_together_and_the_restart_is_bit_identical(
   outputs = [job.output(i) for i in range(PROCESSES)]
   assert codes == [0] * PROCESSES, [o[-2000:] for o in outputs]
   stopped = rh.latest_checkpoint(workdir)
-  assert stopped < STEPS, outputs[0]
+  assert stopped < rh.STEPS, outputs[0]
   assert f"Stopped by a signal on another host at step {stopped}" in outputs[0], outputs[0]
   assert took < 120, took
+  assert not [o for o in others if o.exists()], [sorted(os.listdir(o)) for o in others
+                                                 if o.exists()]
   outcomes.append((f"SIGTERM to process {LAST}", codes, round(took, 1), stopped))
 
   if PROCESSES > 2:
     # (b) SIGTERM to every process at different moments.
-    job = _launch(tmp_path_factory, workdir, tiny_folder, tag="b")
+    job = _faults_launch(tmp_path_factory, shared, tiny_folder, "b")
     _wait_for_step(job, stopped + 1)
     for index in reversed(range(PROCESSES)):
       job.procs[index].send_signal(signal.SIGTERM)
@@ -153,7 +194,7 @@ def test_faults_every_host_decides_together_and_the_restart_is_bit_identical(
 
   # (c) SIGKILL of the last process: the survivors exit within a bounded time, naming the lost
   # process when they can, and write no checkpoint from a state that may be partial.
-  job = _launch(tmp_path_factory, workdir, tiny_folder, tag="c")
+  job = _faults_launch(tmp_path_factory, shared, tiny_folder, "c")
   _wait_for_step(job, stopped + 1)
   before = rh.latest_checkpoint(workdir)
   job.procs[LAST].send_signal(signal.SIGKILL)
@@ -185,10 +226,11 @@ def test_faults_every_host_decides_together_and_the_restart_is_bit_identical(
                    round(took, 1), rh.latest_checkpoint(workdir)))
 
   # (e) The same command on every host resumes and finishes: bit-identical to the reference.
-  job = _launch(tmp_path_factory, workdir, tiny_folder, tag="e")
+  job = _faults_launch(tmp_path_factory, shared, tiny_folder, "e")
   codes = job.wait(timeout=900)
   assert codes == [0] * PROCESSES, [job.output(i)[-2000:] for i in range(PROCESSES)]
-  rh.assert_bit_identical(rh.read_checkpoint(workdir, STEPS), final, context=str(outcomes))
+  rh.assert_bit_identical(rh.read_checkpoint(workdir, rh.STEPS), faults_reference,
+                          context=str(outcomes))
   print("fault outcomes (scenario, exit codes, seconds to exit, last checkpoint):", outcomes)
 
 
@@ -209,3 +251,22 @@ def test_a_nonfinite_step_on_one_host_stops_every_host_at_that_step(tmp_path_fac
     assert last.startswith("error: NonFiniteError: Non-finite loss at step 3; last good "
                            "checkpoint: step 2"), last
   assert rh.latest_checkpoint(workdir) == 2
+
+
+def test_a_refusal_on_host_zero_stops_every_host(tmp_path_factory, tmp_path):
+  # Only host 0 prepares and locks the workdir; here it is a file, so host 0 refuses. The
+  # other hosts must stop with host 0's message, not wait in their next collective.
+  workdir = tmp_path / "a_file"
+  workdir.write_text("not a directory")
+  job = rh.launch(rh.train_cmd(workdir), tmp_path_factory, PROCESSES, 1,
+                  log_dir=tmp_path / "refusal.logs")
+  codes = job.wait(timeout=300)
+  outputs = [job.output(i) for i in range(PROCESSES)]
+  assert codes[0] == 1, outputs[0][-3000:]
+  assert outputs[0].strip().splitlines()[-1].startswith("error: WorkdirError: "), outputs[0]
+  for index in range(1, PROCESSES):
+    assert codes[index] == 1, outputs[index][-3000:]
+    last = outputs[index].strip().splitlines()[-1]
+    assert last.startswith("error: StoppedByOtherHostError: Process 0 stopped the run: "
+                           "WorkdirError: "), outputs[index][-3000:]
+  assert workdir.read_text() == "not a directory"

@@ -163,6 +163,18 @@ def _units_per_leaf(x: jax.Array) -> tuple:
   return unit_size, size // unit_size
 
 
+def _one_per_unit(broadcast: jax.Array, num_units: int) -> jax.Array:
+  """The [num_units] values of a per-unit quantity broadcast over its leaf's shape.
+
+  The units are the trailing axes (see `_units_per_leaf`), so the first index of every
+  reduced leading axis picks each unit once; a leaf that is one unit gives its first element.
+  """
+  if num_units == 1:
+    return jnp.ravel(broadcast)[:1]
+  reduced = broadcast.ndim - 1 if broadcast.ndim in (4, 5) else 1
+  return jnp.ravel(broadcast[(0,) * reduced])
+
+
 def _clip_with_statistics(clipping: Any, eps: Any) -> optax.GradientTransformation:
   """optax's AGC on every leaf it is given, recording `AGCState` statistics.
 
@@ -180,13 +192,12 @@ def _clip_with_statistics(clipping: Any, eps: Any) -> optax.GradientTransformati
     del state
     if params is None:
       raise ValueError("AGC needs the parameters: call update(grads, opt_state, params).")
-    units_clipped = jnp.zeros((), jnp.int32)
     units_total = 0
-    max_ratio = jnp.zeros((), jnp.float32)
+    over, ratios = [], []  # Per unit, every leaf: ||G_i|| > max norm, and their ratio.
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     clipped_leaves = []
     for g, p in zip(leaves, jax.tree.leaves(params)):
-      unit_size, num_units = _units_per_leaf(g)
+      _, num_units = _units_per_leaf(g)
       if num_units == 0:
         clipped_leaves.append(g)
         continue
@@ -195,12 +206,20 @@ def _clip_with_statistics(clipping: Any, eps: Any) -> optax.GradientTransformati
       # optax promotes bf16 gradients to f32 (the threshold is f32); keep the caller's dtype
       # so AGC can sit anywhere in a chain without changing update dtypes.
       clipped_leaves.append(optax.transforms.unitwise_clip(g_norm, max_norm, g).astype(g.dtype))
+      # The norms are constant over each unit's elements: one value per unit suffices, and
+      # the statistics of all leaves then take one reduction each instead of two per leaf
+      # (every reduction is a kernel of its own, and compile time grows with their number).
+      g_unit, max_unit = _one_per_unit(g_norm, num_units), _one_per_unit(max_norm, num_units)
       # Strict '>' is the paper's condition; at equality the rescale factor is exactly 1, so
-      # such a unit is unchanged either way and is not reported as clipped. Every element of
-      # a unit carries the same decision, so the element count divides exactly.
-      units_clipped += jnp.sum(g_norm > max_norm, dtype=jnp.int32) // unit_size
+      # such a unit is unchanged either way and is not reported as clipped.
+      over.append(g_unit > max_unit)
+      ratios.append((g_unit / max_unit).astype(jnp.float32))
       units_total += num_units
-      max_ratio = jnp.maximum(max_ratio, jnp.max(g_norm / max_norm).astype(jnp.float32))
+    units_clipped = (jnp.sum(jnp.concatenate(over), dtype=jnp.int32) if over
+                     else jnp.zeros((), jnp.int32))
+    max_ratio = jnp.zeros((), jnp.float32)
+    if ratios:
+      max_ratio = jnp.maximum(max_ratio, jnp.max(jnp.concatenate(ratios)))
     stats = AGCState(units_clipped=units_clipped,
                      units_total=jnp.asarray(units_total, jnp.int32),
                      fraction_clipped=units_clipped.astype(jnp.float32) / max(units_total, 1),

@@ -9,6 +9,7 @@ channel (norm over H, W, I); linear IO -> one per output column; vectors/scalars
 import re
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -123,6 +124,69 @@ def test_matches_reference_and_statistics_without_exclusion():
   assert int(metrics["agc/units_total"]) == total == 8 + 2 + 6 + 2 + 4 + 1 + 1 + 5 + 1
   np.testing.assert_allclose(float(metrics["agc/fraction_clipped"]), clipped / total, rtol=1e-6)
   np.testing.assert_allclose(float(metrics["agc/max_ratio"]), max_ratio, rtol=1e-4)
+
+
+# Leaves of every unit layout AGC knows: one unit per trailing index; a single unit (a vector,
+# a conv with one output channel, a 1 x n row, a scalar).
+LAYOUTS = {"rank2": (6, 5), "rank3": (4, 2, 3), "conv": (3, 3, 4, 6), "conv3d": (2, 2, 2, 3, 4),
+           "one_output_conv": (3, 3, 4, 1), "row": (1, 5), "vector": (7,), "scalar": ()}
+
+
+def _units(x: np.ndarray) -> np.ndarray:
+  """[units, elements per unit] of a leaf, in float64 (optax's unitwise_norm axes)."""
+  x = np.asarray(x, np.float64)
+  if np.count_nonzero(np.array(x.shape) != 1) <= 1:
+    return x.reshape(1, -1)
+  lead = 1 if x.ndim in (2, 3) else x.ndim - 1
+  return x.reshape(int(np.prod(x.shape[:lead])), -1).T
+
+
+def test_statistics_count_each_unit_once_on_every_layout():
+  rng = np.random.default_rng(3)
+  params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in LAYOUTS.items()}
+
+  def grad(shape):
+    # Scales over four decades along the last axis: some units of a leaf clip, some do not.
+    scale = np.logspace(-4, 0, shape[-1]) if len(shape) > 1 else 10.0 ** rng.uniform(-4, 0)
+    return jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
+
+  grads = {k: grad(s) for k, s in LAYOUTS.items()}
+  _, state = run(agc.adaptive_grad_clip(LAMBDA, EPS), grads, params)
+  clipped = total = 0
+  max_ratio = 0.0
+  for k in LAYOUTS:
+    g_norm = np.linalg.norm(_units(grads[k]), axis=1)
+    max_norm = LAMBDA * np.maximum(np.linalg.norm(_units(params[k]), axis=1), EPS)
+    clipped += int(np.sum(g_norm > max_norm))
+    total += g_norm.size
+    max_ratio = max(max_ratio, float(np.max(g_norm / max_norm)))
+  metrics = agc.agc_metrics(state)
+  assert int(metrics["agc/units_total"]) == total == 5 + 6 + 6 + 4 + 1 + 1 + 1 + 1
+  assert 0 < clipped < total
+  assert int(metrics["agc/units_clipped"]) == clipped
+  np.testing.assert_allclose(float(metrics["agc/max_ratio"]), max_ratio, rtol=1e-5)
+
+
+def _reductions(jaxpr) -> int:
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name.startswith(("reduce_", "argmax", "argmin"))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      count += _reductions(sub)
+  return count
+
+
+def test_statistics_add_two_reductions_whatever_the_number_of_leaves():
+  # Each reduction becomes a kernel of its own, and XLA's compile time grows with their
+  # number: per leaf, only the two unit norms; the statistics of all leaves take one each.
+  def count(leaves):
+    params = {f"conv{i}": {"w": jnp.ones((3, 3, 4, 8))} for i in range(leaves)}
+    tx = agc.adaptive_grad_clip(LAMBDA, EPS)
+    closed = jax.make_jaxpr(lambda g, p: tx.update(g, tx.init(p), p))(params, params)
+    return _reductions(closed.jaxpr)
+
+  assert count(6) - count(2) == 2 * 4
+  assert count(2) == 2 * 2 + 2
 
 
 def test_used_alone_clips_the_classifier_too():

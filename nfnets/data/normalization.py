@@ -21,6 +21,9 @@ def mean_std(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def normalize(image, channels: int, xp=np):
-  """(x - mean) / std per channel, on the 0..255 scale; `xp` is numpy or jax.numpy."""
+  """(x - mean) / std per channel, on the 0..255 scale.
+
+  `xp` is the array module of `image`: numpy, jax.numpy or tf.experimental.numpy.
+  """
   mean, std = mean_std(channels)
   return (image - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)

@@ -29,12 +29,6 @@ CROP_PADDING = 32
 WindowFn = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]]
 
 
-def normalize(image: tf.Tensor, channels: int) -> tf.Tensor:
-  """(x - mean) / std per channel, on the 0..255 scale (nfnets.data.normalization)."""
-  mean, std = normalization.mean_std(channels)
-  return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
-
-
 def decode_window(image_bytes: tf.Tensor, channels: int,
                   window_fn: WindowFn) -> tf.Tensor:
   """Decodes only the window `window_fn(height, width) -> (y, x, h, w)`.
@@ -216,4 +210,5 @@ def preprocess_eval(image_bytes: tf.Tensor, *, method: str, size: int,
   """Deterministic eval crop, normalised. float32 [size, size, channels]."""
   image = _lookup(EVAL_PREPROCS, method, "eval_preproc")(
       image_bytes, size, channels)
-  return normalize(tf.ensure_shape(image, [size, size, channels]), channels)
+  return normalization.normalize(tf.ensure_shape(image, [size, size, channels]), channels,
+                                 xp=tf.experimental.numpy)

@@ -1,4 +1,4 @@
-"""nfnets/data/normalization.py: the constants and the one normalise function, numpy and JAX."""
+"""nfnets/data/normalization.py: the constants and the one normalise function (numpy, JAX, TF)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,10 +23,18 @@ def test_grayscale_uses_the_channel_averages():
   assert std == pytest.approx(np.mean(normalization.STDDEV_RGB))
 
 
-def test_numpy_and_jax_agree():
+def test_numpy_jax_and_the_tf_data_pipeline_agree():
+  from nfnets.quiet_tensorflow import tf  # pylint: disable=g-import-not-at-top
   x = np.random.default_rng(0).uniform(0, 255, (2, 5, 5, 3)).astype(np.float32)
+  want = normalization.normalize(x, 3)
   np.testing.assert_allclose(np.asarray(normalization.normalize(jnp.asarray(x), 3, xp=jnp)),
-                             normalization.normalize(x, 3), rtol=1e-6)
+                             want, rtol=1e-6)
+  # As the evaluation pipeline runs it: inside a tf.data map.
+  dataset = tf.data.Dataset.from_tensors(x).map(
+      lambda image: normalization.normalize(image, 3, xp=tf.experimental.numpy))
+  got = next(iter(dataset)).numpy()
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_other_channel_counts_are_refused():

@@ -163,18 +163,6 @@ def _units_per_leaf(x: jax.Array) -> tuple:
   return unit_size, size // unit_size
 
 
-def _one_per_unit(broadcast: jax.Array, num_units: int) -> jax.Array:
-  """The [num_units] values of a per-unit quantity broadcast over its leaf's shape.
-
-  The units are the trailing axes (see `_units_per_leaf`), so the first index of every
-  reduced leading axis picks each unit once; a leaf that is one unit gives its first element.
-  """
-  if num_units == 1:
-    return jnp.ravel(broadcast)[:1]
-  reduced = broadcast.ndim - 1 if broadcast.ndim in (4, 5) else 1
-  return jnp.ravel(broadcast[(0,) * reduced])
-
-
 def _clip_with_statistics(clipping: Any, eps: Any) -> optax.GradientTransformation:
   """optax's AGC on every leaf it is given, recording `AGCState` statistics.
 
@@ -197,7 +185,7 @@ def _clip_with_statistics(clipping: Any, eps: Any) -> optax.GradientTransformati
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     clipped_leaves = []
     for g, p in zip(leaves, jax.tree.leaves(params)):
-      _, num_units = _units_per_leaf(g)
+      unit_size, num_units = _units_per_leaf(g)
       if num_units == 0:
         clipped_leaves.append(g)
         continue
@@ -209,7 +197,9 @@ def _clip_with_statistics(clipping: Any, eps: Any) -> optax.GradientTransformati
       # The norms are constant over each unit's elements: one value per unit suffices, and
       # the statistics of all leaves then take one reduction each instead of two per leaf
       # (every reduction is a kernel of its own, and compile time grows with their number).
-      g_unit, max_unit = _one_per_unit(g_norm, num_units), _one_per_unit(max_norm, num_units)
+      # The units are the trailing axes, so row 0 of [unit_size, num_units] holds each once.
+      g_unit = jnp.reshape(g_norm, (unit_size, num_units))[0]
+      max_unit = jnp.reshape(max_norm, (unit_size, num_units))[0]
       # Strict '>' is the paper's condition; at equality the rescale factor is exactly 1, so
       # such a unit is unchanged either way and is not reported as clipped.
       over.append(g_unit > max_unit)
